@@ -1,0 +1,7 @@
+//! tce-sidecar: an out-of-process sPAPR IOMMU backend for QEMU on POWER KVM hosts.
+//!
+//! QEMU (the front-end) connects over a unix socket and hands the sidecar (the back-end) its
+//! VFIO groups, KVM TCE tables and guest RAM; the sidecar runs the sPAPR DMA state machine.
+//! The wire contract is written down in `protocol/PROTOCOL.md` and implemented in [`protocol`].
+
+pub mod protocol;
