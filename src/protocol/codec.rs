@@ -42,7 +42,11 @@ impl Header {
     pub fn new(request: u32, reply: bool, size: usize) -> Self {
         let flags = VERSION | if reply { FLAG_REPLY } else { 0 };
         // Callers never build payloads above MAX_PAYLOAD (encode_* check it), so this fits.
-        Self { request, flags, size: size as u32 }
+        Self {
+            request,
+            flags,
+            size: size as u32,
+        }
     }
 
     pub fn to_bytes(self) -> [u8; HEADER_SIZE] {
@@ -55,8 +59,13 @@ impl Header {
 
     /// Decodes and checks a header. `expect_reply` is true on the front-end side.
     pub fn decode(bytes: &[u8; HEADER_SIZE], expect_reply: bool) -> Result<Self, FrameError> {
-        let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let header = Self { request: word(0), flags: word(4), size: word(8) };
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let header = Self {
+            request: word(0),
+            flags: word(4),
+            size: word(8),
+        };
         let version = header.flags & FLAG_VERSION_MASK;
         if version != VERSION {
             return Err(FrameError::BadVersion(version));
@@ -93,8 +102,9 @@ pub enum DecodeErrorKind {
     Size { expected: usize, got: usize },
     /// The message carried the wrong number of fds (all of them were closed).
     FdCount { expected: usize, got: usize },
-    /// More than [`MAX_FDS`] fds were attached; the kernel truncated them (MSG_CTRUNC).
-    FdsTruncated,
+    /// More than [`MAX_FDS`] fds were attached (all were closed, including any the kernel
+    /// cut off with MSG_CTRUNC).
+    TooManyFds,
     /// Fds arrived with payload bytes instead of with the header.
     FdsMisplaced,
     /// A field holds a value the spec does not allow.
@@ -117,7 +127,7 @@ impl DecodeError {
         match self.kind {
             DecodeErrorKind::UnknownRequest => Errno::NOSYS,
             DecodeErrorKind::FdCount { .. }
-            | DecodeErrorKind::FdsTruncated
+            | DecodeErrorKind::TooManyFds
             | DecodeErrorKind::FdsMisplaced => Errno::BADF,
             DecodeErrorKind::Size { .. }
             | DecodeErrorKind::Invalid { .. }
@@ -141,13 +151,19 @@ impl fmt::Display for DecodeError {
                 write!(f, "payload is {got} bytes, the layout needs {expected}")
             }
             DecodeErrorKind::FdCount { expected, got } => {
-                write!(f, "carries exactly {expected} fd(s), received {got}; all were closed")
+                write!(
+                    f,
+                    "carries exactly {expected} fd(s), received {got}; all were closed"
+                )
             }
-            DecodeErrorKind::FdsTruncated => {
+            DecodeErrorKind::TooManyFds => {
                 write!(f, "more than {MAX_FDS} fds attached; all were closed")
             }
             DecodeErrorKind::FdsMisplaced => {
-                write!(f, "fds must travel with the header, not the payload; all were closed")
+                write!(
+                    f,
+                    "fds must travel with the header, not the payload; all were closed"
+                )
             }
             DecodeErrorKind::Invalid { field, value } => {
                 write!(f, "field {field} has invalid value {value:#x}")
@@ -158,7 +174,9 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::NonCanonical { what } => {
                 write!(f, "reserved or unused fields of {what} must be zero")
             }
-            DecodeErrorKind::Text => write!(f, "error text is not UTF-8 or exceeds {MAX_TEXT} bytes"),
+            DecodeErrorKind::Text => {
+                write!(f, "error text is not UTF-8 or exceeds {MAX_TEXT} bytes")
+            }
         }
     }
 }
@@ -258,11 +276,18 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             w.u32(*first_session).u32(0);
         }
         Request::MemAdd(r) | Request::MemRemove(r) => {
-            w.u32(r.region_id).u32(0).u64(r.guest_addr).u64(r.size).u64(r.user_addr);
+            w.u32(r.region_id)
+                .u32(0)
+                .u64(r.guest_addr)
+                .u64(r.size)
+                .u64(r.user_addr);
             w.u64(r.mmap_offset);
         }
         Request::GroupAdd(g) => {
-            w.u32(g.group_id).u32(g.container_id).u32(g.iommu_group).u32(0);
+            w.u32(g.group_id)
+                .u32(g.container_id)
+                .u32(g.iommu_group)
+                .u32(0);
         }
         Request::GroupRemove { group_id: id }
         | Request::TableRemove { table_id: id }
@@ -272,10 +297,16 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             w.u32(*id).u32(0);
         }
         Request::TableAdd(t) => {
-            w.u32(t.table_id).u32(t.container_id).u32(t.liobn).u32(t.page_shift);
+            w.u32(t.table_id)
+                .u32(t.container_id)
+                .u32(t.liobn)
+                .u32(t.page_shift);
             w.u64(t.bus_offset).u64(t.entries);
         }
-        Request::WindowReset { container_id, default_table } => {
+        Request::WindowReset {
+            container_id,
+            default_table,
+        } => {
             let (flags, table) = match default_table {
                 Some(t) => (WINDOW_RESET_CREATE_DEFAULT, *t),
                 None => (0, 0),
@@ -288,7 +319,11 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
                 TceEntries::Inline(_) => TCE_SOURCE_INLINE,
                 TceEntries::Stuff(_) => TCE_SOURCE_STUFF,
             };
-            w.u32(u.table_id).u32(source).u64(u.first_index).u32(u.count).u32(0);
+            w.u32(u.table_id)
+                .u32(source)
+                .u64(u.first_index)
+                .u32(u.count)
+                .u32(0);
             match &u.entries {
                 TceEntries::Shared => {}
                 TceEntries::Inline(v) => v.iter().for_each(|e| {
@@ -300,10 +335,16 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             }
         }
         Request::EehOp(e) => {
-            w.u32(e.container_id).u32(e.op).u32(e.err_type).u32(e.err_func);
+            w.u32(e.container_id)
+                .u32(e.op)
+                .u32(e.err_type)
+                .u32(e.err_func);
             w.u64(e.err_addr).u64(e.err_mask);
         }
-        Request::OpsResult { transaction, results } => {
+        Request::OpsResult {
+            transaction,
+            results,
+        } => {
             w.u32(*transaction).u32(results.len() as u32);
             for r in results {
                 w.u16(r.kind as u16).u16(0).i32(r.status);
@@ -333,7 +374,10 @@ fn expected_size(code: RequestCode, payload: &[u8]) -> Result<usize, DecodeError
         RequestCode::MemAdd | RequestCode::MemRemove => 40,
         RequestCode::TceUpdate => {
             if payload.len() < TCE_UPDATE_FIXED {
-                return Err(DecodeErrorKind::Size { expected: TCE_UPDATE_FIXED, got: payload.len() });
+                return Err(DecodeErrorKind::Size {
+                    expected: TCE_UPDATE_FIXED,
+                    got: payload.len(),
+                });
             }
             let mut r = Reader::new(&payload[4..]);
             let source = r.u32();
@@ -344,22 +388,34 @@ fn expected_size(code: RequestCode, payload: &[u8]) -> Result<usize, DecodeError
                 TCE_SOURCE_STUFF => TCE_UPDATE_FIXED + 8,
                 TCE_SOURCE_INLINE => {
                     if count > MAX_INLINE_TCES {
-                        return Err(DecodeErrorKind::Invalid { field: "count", value: count.into() });
+                        return Err(DecodeErrorKind::Invalid {
+                            field: "count",
+                            value: count.into(),
+                        });
                     }
                     TCE_UPDATE_FIXED + 8 * count as usize
                 }
                 other => {
-                    return Err(DecodeErrorKind::Invalid { field: "source", value: other.into() })
+                    return Err(DecodeErrorKind::Invalid {
+                        field: "source",
+                        value: other.into(),
+                    })
                 }
             }
         }
         RequestCode::OpsResult => {
             if payload.len() < OPS_RESULT_FIXED {
-                return Err(DecodeErrorKind::Size { expected: OPS_RESULT_FIXED, got: payload.len() });
+                return Err(DecodeErrorKind::Size {
+                    expected: OPS_RESULT_FIXED,
+                    got: payload.len(),
+                });
             }
             let count = Reader::new(&payload[4..]).u32();
             if count == 0 || count as usize > MAX_OPS {
-                return Err(DecodeErrorKind::Invalid { field: "count", value: count.into() });
+                return Err(DecodeErrorKind::Invalid {
+                    field: "count",
+                    value: count.into(),
+                });
             }
             OPS_RESULT_FIXED + OP_RECORD_SIZE * count as usize
         }
@@ -380,16 +436,24 @@ pub fn decode_request(
     };
     match expected_size(code, payload) {
         Ok(expected) if expected == payload.len() => {}
-        Ok(expected) => return fail(DecodeErrorKind::Size { expected, got: payload.len() }),
+        Ok(expected) => {
+            return fail(DecodeErrorKind::Size {
+                expected,
+                got: payload.len(),
+            })
+        }
         Err(kind) => return fail(kind),
     }
     match fd_problem {
-        Some(FdProblem::Truncated) => return fail(DecodeErrorKind::FdsTruncated),
+        Some(FdProblem::TooMany) => return fail(DecodeErrorKind::TooManyFds),
         Some(FdProblem::Misplaced) => return fail(DecodeErrorKind::FdsMisplaced),
         None => {}
     }
     if fds.len() != code.fd_count() {
-        return fail(DecodeErrorKind::FdCount { expected: code.fd_count(), got: fds.len() });
+        return fail(DecodeErrorKind::FdCount {
+            expected: code.fd_count(),
+            got: fds.len(),
+        });
     }
     let request =
         parse_request(code, payload).map_err(|kind| DecodeError::new(header.request, kind))?;
@@ -398,14 +462,17 @@ pub fn decode_request(
     if encode_request(&request) != payload {
         return fail(DecodeErrorKind::NonCanonical { what: code.name() });
     }
-    Ok(Incoming { request, fd: fds.into_iter().next() })
+    Ok(Incoming {
+        request,
+        fd: fds.into_iter().next(),
+    })
 }
 
 /// What went wrong with the fds of a frame, as seen by the socket layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FdProblem {
-    /// MSG_CTRUNC: more fds were attached than the receive buffer holds.
-    Truncated,
+    /// More than [`MAX_FDS`] fds were attached (received, or cut off by the kernel: MSG_CTRUNC).
+    TooMany,
     /// Fds arrived with payload bytes rather than with the header.
     Misplaced,
 }
@@ -415,7 +482,9 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
     Ok(match code {
         RequestCode::GetFeatures => Request::GetFeatures,
         RequestCode::SetFeatures => Request::SetFeatures { features: r.u64() },
-        RequestCode::GetStatus => Request::GetStatus { first_session: r.u32() },
+        RequestCode::GetStatus => Request::GetStatus {
+            first_session: r.u32(),
+        },
         RequestCode::MemAdd | RequestCode::MemRemove => {
             let region_id = r.u32();
             let _reserved = r.u32();
@@ -447,7 +516,9 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
             entries: r.u64(),
         }),
         RequestCode::TableRemove => Request::TableRemove { table_id: r.u32() },
-        RequestCode::WindowQuery => Request::WindowQuery { container_id: r.u32() },
+        RequestCode::WindowQuery => Request::WindowQuery {
+            container_id: r.u32(),
+        },
         RequestCode::WindowCreate => Request::WindowCreate { table_id: r.u32() },
         RequestCode::WindowRemove => Request::WindowRemove { table_id: r.u32() },
         RequestCode::WindowReset => {
@@ -457,9 +528,17 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
             let default_table = match flags {
                 0 => None,
                 WINDOW_RESET_CREATE_DEFAULT => Some(table),
-                other => return Err(DecodeErrorKind::Invalid { field: "flags", value: other.into() }),
+                other => {
+                    return Err(DecodeErrorKind::Invalid {
+                        field: "flags",
+                        value: other.into(),
+                    })
+                }
             };
-            Request::WindowReset { container_id, default_table }
+            Request::WindowReset {
+                container_id,
+                default_table,
+            }
         }
         RequestCode::TceUpdate => {
             let table_id = r.u32();
@@ -468,7 +547,10 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
             let count = r.u32();
             let _reserved = r.u32();
             if count == 0 {
-                return Err(DecodeErrorKind::Invalid { field: "count", value: 0 });
+                return Err(DecodeErrorKind::Invalid {
+                    field: "count",
+                    value: 0,
+                });
             }
             let entries = match source {
                 TCE_SOURCE_SHARED => TceEntries::Shared,
@@ -476,7 +558,12 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                 // expected_size() admitted only the three sources and bounded count.
                 _ => TceEntries::Inline((0..count).map(|_| r.u64()).collect()),
             };
-            Request::TceUpdate(TceUpdate { table_id, first_index, count, entries })
+            Request::TceUpdate(TceUpdate {
+                table_id,
+                first_index,
+                count,
+                entries,
+            })
         }
         RequestCode::EehOp => {
             let e = EehRequest {
@@ -488,7 +575,10 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                 err_mask: r.u64(),
             };
             if e.op > EEH_OP_MAX {
-                return Err(DecodeErrorKind::Invalid { field: "op", value: e.op.into() });
+                return Err(DecodeErrorKind::Invalid {
+                    field: "op",
+                    value: e.op.into(),
+                });
             }
             Request::EehOp(e)
         }
@@ -496,7 +586,10 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
             let transaction = r.u32();
             let count = r.u32() as usize;
             if transaction == 0 {
-                return Err(DecodeErrorKind::Invalid { field: "transaction", value: 0 });
+                return Err(DecodeErrorKind::Invalid {
+                    field: "transaction",
+                    value: 0,
+                });
             }
             let mut results = Vec::with_capacity(count);
             for index in 0..count {
@@ -505,14 +598,23 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                 let status = r.i32();
                 let out = [r.u64(), r.u64(), r.u64(), r.u64()];
                 let Some(kind) = OpKind::from_u16(raw_kind) else {
-                    return Err(DecodeErrorKind::UnknownOp { index, kind: raw_kind });
+                    return Err(DecodeErrorKind::UnknownOp {
+                        index,
+                        kind: raw_kind,
+                    });
                 };
                 if status > 0 {
-                    return Err(DecodeErrorKind::Invalid { field: "status", value: status as u64 });
+                    return Err(DecodeErrorKind::Invalid {
+                        field: "status",
+                        value: status as u64,
+                    });
                 }
                 results.push(OpResult { kind, status, out });
             }
-            Request::OpsResult { transaction, results }
+            Request::OpsResult {
+                transaction,
+                results,
+            }
         }
     })
 }
@@ -525,36 +627,88 @@ fn encode_op(w: &mut Writer, op: &OwnerOp) {
         OwnerOp::ContainerOpen { container: c }
         | OwnerOp::ContainerClose { container: c }
         | OwnerOp::TceGetInfo { container: c } => container = c,
-        OwnerOp::CheckExtension { container: c, extension: x }
-        | OwnerOp::SetIommu { container: c, iommu_type: x } => (container, aux) = (c, x),
-        OwnerOp::GroupSetContainer { container: c, group }
-        | OwnerOp::GroupUnsetContainer { container: c, group } => (container, object) = (c, group),
-        OwnerOp::RegisterMemory { container: c, region, offset, size }
-        | OwnerOp::UnregisterMemory { container: c, region, offset, size } => {
+        OwnerOp::CheckExtension {
+            container: c,
+            extension: x,
+        }
+        | OwnerOp::SetIommu {
+            container: c,
+            iommu_type: x,
+        } => (container, aux) = (c, x),
+        OwnerOp::GroupSetContainer {
+            container: c,
+            group,
+        }
+        | OwnerOp::GroupUnsetContainer {
+            container: c,
+            group,
+        } => (container, object) = (c, group),
+        OwnerOp::RegisterMemory {
+            container: c,
+            region,
+            offset,
+            size,
+        }
+        | OwnerOp::UnregisterMemory {
+            container: c,
+            region,
+            offset,
+            size,
+        } => {
             (container, object) = (c, region);
             args = [offset, size, 0];
         }
-        OwnerOp::TceCreate { container: c, page_shift, window_size, levels } => {
+        OwnerOp::TceCreate {
+            container: c,
+            page_shift,
+            window_size,
+            levels,
+        } => {
             (container, aux) = (c, page_shift);
             args = [window_size, levels.into(), 0];
         }
-        OwnerOp::TceRemove { container: c, start_addr } => {
+        OwnerOp::TceRemove {
+            container: c,
+            start_addr,
+        } => {
             container = c;
             args[0] = start_addr;
         }
-        OwnerOp::MapDma { container: c, region, offset, iova, size, access } => {
+        OwnerOp::MapDma {
+            container: c,
+            region,
+            offset,
+            iova,
+            size,
+            access,
+        } => {
             (container, object) = (c, region);
             flags = if access.read { MAP_FLAG_READ } else { 0 }
                 | if access.write { MAP_FLAG_WRITE } else { 0 };
             args = [offset, iova, size];
         }
-        OwnerOp::UnmapDma { container: c, iova, size } => {
+        OwnerOp::UnmapDma {
+            container: c,
+            iova,
+            size,
+        } => {
             container = c;
             args = [iova, size, 0];
         }
-        OwnerOp::EehPeOp { container: c, op, err_type, err_func, err_addr, err_mask } => {
+        OwnerOp::EehPeOp {
+            container: c,
+            op,
+            err_type,
+            err_func,
+            err_addr,
+            err_mask,
+        } => {
             (container, aux) = (c, op);
-            args = [u64::from(err_type) | u64::from(err_func) << 32, err_addr, err_mask];
+            args = [
+                u64::from(err_type) | u64::from(err_func) << 32,
+                err_addr,
+                err_mask,
+            ];
         }
         OwnerOp::KvmFileAdd { group } | OwnerOp::KvmFileDel { group } => object = group,
         OwnerOp::KvmSetSpaprTce { group, table } => (object, aux) = (group, table),
@@ -563,7 +717,11 @@ fn encode_op(w: &mut Writer, op: &OwnerOp) {
             args[0] = attr;
         }
     }
-    w.u16(op.kind() as u16).u16(flags).u32(container).u32(object).u32(aux);
+    w.u16(op.kind() as u16)
+        .u16(flags)
+        .u32(container)
+        .u32(object)
+        .u32(aux);
     args.iter().for_each(|a| {
         w.u64(*a);
     });
@@ -575,35 +733,89 @@ fn decode_op(index: usize, record: &[u8]) -> Result<OwnerOp, DecodeErrorKind> {
     let flags = r.u16();
     let (container, object, aux) = (r.u32(), r.u32(), r.u32());
     let args = [r.u64(), r.u64(), r.u64()];
-    let kind = OpKind::from_u16(raw_kind).ok_or(DecodeErrorKind::UnknownOp { index, kind: raw_kind })?;
+    let kind = OpKind::from_u16(raw_kind).ok_or(DecodeErrorKind::UnknownOp {
+        index,
+        kind: raw_kind,
+    })?;
     let op = match kind {
         OpKind::ContainerOpen => OwnerOp::ContainerOpen { container },
         OpKind::ContainerClose => OwnerOp::ContainerClose { container },
-        OpKind::CheckExtension => OwnerOp::CheckExtension { container, extension: aux },
-        OpKind::SetIommu => OwnerOp::SetIommu { container, iommu_type: aux },
-        OpKind::GroupSetContainer => OwnerOp::GroupSetContainer { container, group: object },
-        OpKind::GroupUnsetContainer => OwnerOp::GroupUnsetContainer { container, group: object },
+        OpKind::CheckExtension => OwnerOp::CheckExtension {
+            container,
+            extension: aux,
+        },
+        OpKind::SetIommu => OwnerOp::SetIommu {
+            container,
+            iommu_type: aux,
+        },
+        OpKind::GroupSetContainer => OwnerOp::GroupSetContainer {
+            container,
+            group: object,
+        },
+        OpKind::GroupUnsetContainer => OwnerOp::GroupUnsetContainer {
+            container,
+            group: object,
+        },
         OpKind::TceGetInfo => OwnerOp::TceGetInfo { container },
-        OpKind::RegisterMemory => {
-            OwnerOp::RegisterMemory { container, region: object, offset: args[0], size: args[1] }
-        }
-        OpKind::UnregisterMemory => {
-            OwnerOp::UnregisterMemory { container, region: object, offset: args[0], size: args[1] }
-        }
+        OpKind::RegisterMemory => OwnerOp::RegisterMemory {
+            container,
+            region: object,
+            offset: args[0],
+            size: args[1],
+        },
+        OpKind::UnregisterMemory => OwnerOp::UnregisterMemory {
+            container,
+            region: object,
+            offset: args[0],
+            size: args[1],
+        },
         OpKind::TceCreate => {
-            let levels = u32::try_from(args[1])
-                .map_err(|_| DecodeErrorKind::Invalid { field: "levels", value: args[1] })?;
-            OwnerOp::TceCreate { container, page_shift: aux, window_size: args[0], levels }
+            let levels = u32::try_from(args[1]).map_err(|_| DecodeErrorKind::Invalid {
+                field: "levels",
+                value: args[1],
+            })?;
+            OwnerOp::TceCreate {
+                container,
+                page_shift: aux,
+                window_size: args[0],
+                levels,
+            }
         }
-        OpKind::TceRemove => OwnerOp::TceRemove { container, start_addr: args[0] },
+        OpKind::TceRemove => OwnerOp::TceRemove {
+            container,
+            start_addr: args[0],
+        },
         OpKind::MapDma => {
             if flags == 0 || flags & !(MAP_FLAG_READ | MAP_FLAG_WRITE) != 0 {
-                return Err(DecodeErrorKind::Invalid { field: "flags", value: flags.into() });
+                return Err(DecodeErrorKind::Invalid {
+                    field: "flags",
+                    value: flags.into(),
+                });
             }
-            let access = DmaAccess { read: flags & MAP_FLAG_READ != 0, write: flags & MAP_FLAG_WRITE != 0 };
-            OwnerOp::MapDma { container, region: object, offset: args[0], iova: args[1], size: args[2], access }
+            let access = DmaAccess {
+                read: flags & MAP_FLAG_READ != 0,
+                write: flags & MAP_FLAG_WRITE != 0,
+            };
+            OwnerOp::MapDma {
+                container,
+                region: object,
+                offset: args[0],
+                iova: args[1],
+                size: args[2],
+                access,
+            }
         }
-        OpKind::UnmapDma => OwnerOp::UnmapDma { container, iova: args[0], size: args[1] },
+        OpKind::UnmapDma => OwnerOp::UnmapDma {
+            container,
+            iova: args[0],
+            size: args[1],
+        },
+        OpKind::EehPeOp if aux > EEH_OP_MAX => {
+            return Err(DecodeErrorKind::Invalid {
+                field: "op",
+                value: aux.into(),
+            })
+        }
         OpKind::EehPeOp => OwnerOp::EehPeOp {
             container,
             op: aux,
@@ -614,13 +826,21 @@ fn decode_op(index: usize, record: &[u8]) -> Result<OwnerOp, DecodeErrorKind> {
         },
         OpKind::KvmFileAdd => OwnerOp::KvmFileAdd { group: object },
         OpKind::KvmFileDel => OwnerOp::KvmFileDel { group: object },
-        OpKind::KvmSetSpaprTce => OwnerOp::KvmSetSpaprTce { group: object, table: aux },
-        OpKind::KvmHasDeviceAttr => OwnerOp::KvmHasDeviceAttr { attr_group: aux, attr: args[0] },
+        OpKind::KvmSetSpaprTce => OwnerOp::KvmSetSpaprTce {
+            group: object,
+            table: aux,
+        },
+        OpKind::KvmHasDeviceAttr => OwnerOp::KvmHasDeviceAttr {
+            attr_group: aux,
+            attr: args[0],
+        },
     };
     let mut canonical = Writer::default();
     encode_op(&mut canonical, &op);
     if canonical.0 != record {
-        return Err(DecodeErrorKind::NonCanonical { what: "an operation record" });
+        return Err(DecodeErrorKind::NonCanonical {
+            what: "an operation record",
+        });
     }
     Ok(op)
 }
@@ -654,8 +874,15 @@ pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, &'static str> {
         return Err("reply exceeds the maximum payload");
     }
     let mut w = Writer(Vec::with_capacity(size));
-    let flags = if reply.ops.is_empty() { 0 } else { REPLY_FLAG_OPS }
-        | if reply.rollback { REPLY_FLAG_ROLLBACK } else { 0 };
+    let flags = if reply.ops.is_empty() {
+        0
+    } else {
+        REPLY_FLAG_OPS
+    } | if reply.rollback {
+        REPLY_FLAG_ROLLBACK
+    } else {
+        0
+    };
     w.i32(reply.status).u32(flags).u32(reply.transaction);
     w.u16(reply.ops.len() as u16).u16(reply.text.len() as u16);
     w.u32(reply.body.len() as u32).u32(0);
@@ -667,16 +894,26 @@ pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, &'static str> {
 
 /// Decodes a reply payload (front-end side). `fd_count` is the number of fds received with it;
 /// replies never carry fds.
-pub fn decode_reply(header: &Header, payload: &[u8], fd_count: usize) -> Result<Reply, DecodeError> {
+pub fn decode_reply(
+    header: &Header,
+    payload: &[u8],
+    fd_count: usize,
+) -> Result<Reply, DecodeError> {
     let fail = |kind| Err(DecodeError::new(header.request, kind));
     if RequestCode::from_u32(header.request).is_none() {
         return fail(DecodeErrorKind::UnknownRequest);
     }
     if fd_count != 0 {
-        return fail(DecodeErrorKind::FdCount { expected: 0, got: fd_count });
+        return fail(DecodeErrorKind::FdCount {
+            expected: 0,
+            got: fd_count,
+        });
     }
     if payload.len() < REPLY_FIXED {
-        return fail(DecodeErrorKind::Size { expected: REPLY_FIXED, got: payload.len() });
+        return fail(DecodeErrorKind::Size {
+            expected: REPLY_FIXED,
+            got: payload.len(),
+        });
     }
     let mut r = Reader::new(payload);
     let status = r.i32();
@@ -688,13 +925,21 @@ pub fn decode_reply(header: &Header, payload: &[u8], fd_count: usize) -> Result<
     let reserved = r.u32();
     let expected = REPLY_FIXED + OP_RECORD_SIZE * op_count + body_len + text_len;
     if expected != payload.len() {
-        return fail(DecodeErrorKind::Size { expected, got: payload.len() });
+        return fail(DecodeErrorKind::Size {
+            expected,
+            got: payload.len(),
+        });
     }
     if reserved != 0 || flags & !(REPLY_FLAG_OPS | REPLY_FLAG_ROLLBACK) != 0 {
-        return fail(DecodeErrorKind::NonCanonical { what: "the reply header" });
+        return fail(DecodeErrorKind::NonCanonical {
+            what: "the reply header",
+        });
     }
     if status > 0 {
-        return fail(DecodeErrorKind::Invalid { field: "status", value: status as u64 });
+        return fail(DecodeErrorKind::Invalid {
+            field: "status",
+            value: status as u64,
+        });
     }
     let has_ops = flags & REPLY_FLAG_OPS != 0;
     let rollback = flags & REPLY_FLAG_ROLLBACK != 0;
@@ -704,7 +949,10 @@ pub fn decode_reply(header: &Header, payload: &[u8], fd_count: usize) -> Result<
         || (has_ops && status != 0)
         || (rollback && !has_ops)
     {
-        return fail(DecodeErrorKind::Invalid { field: "flags", value: flags.into() });
+        return fail(DecodeErrorKind::Invalid {
+            field: "flags",
+            value: flags.into(),
+        });
     }
     let ops_end = REPLY_FIXED + OP_RECORD_SIZE * op_count;
     let ops = payload[REPLY_FIXED..ops_end]
@@ -721,7 +969,14 @@ pub fn decode_reply(header: &Header, payload: &[u8], fd_count: usize) -> Result<
         Ok(t) if t.len() <= MAX_TEXT && (status == 0 || !t.is_empty()) => t.to_owned(),
         _ => return fail(DecodeErrorKind::Text),
     };
-    Ok(Reply { status, transaction, rollback, ops, body, text })
+    Ok(Reply {
+        status,
+        transaction,
+        rollback,
+        ops,
+        body,
+        text,
+    })
 }
 
 impl FeaturesBody {
@@ -729,14 +984,19 @@ impl FeaturesBody {
         self.features.to_le_bytes().to_vec()
     }
     pub fn decode(body: &[u8]) -> Option<Self> {
-        (body.len() == 8).then(|| Self { features: Reader::new(body).u64() })
+        (body.len() == 8).then(|| Self {
+            features: Reader::new(body).u64(),
+        })
     }
 }
 
 impl WindowQueryBody {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u32(self.windows_available).u32(self.windows_max).u64(self.page_sizes).u64(self.ram_size);
+        w.u32(self.windows_available)
+            .u32(self.windows_max)
+            .u64(self.page_sizes)
+            .u64(self.ram_size);
         w.0
     }
     pub fn decode(body: &[u8]) -> Option<Self> {
@@ -753,12 +1013,18 @@ impl WindowQueryBody {
 impl WindowCreateBody {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u64(self.start_addr).u32(self.hw_page_shift).u32(self.levels);
+        w.u64(self.start_addr)
+            .u32(self.hw_page_shift)
+            .u32(self.levels);
         w.0
     }
     pub fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader::new(body);
-        (body.len() == 16).then(|| Self { start_addr: r.u64(), hw_page_shift: r.u32(), levels: r.u32() })
+        (body.len() == 16).then(|| Self {
+            start_addr: r.u64(),
+            hw_page_shift: r.u32(),
+            levels: r.u32(),
+        })
     }
 }
 
@@ -770,7 +1036,10 @@ impl TceUpdateBody {
     }
     pub fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader::new(body);
-        let decoded = Self { h_status: r.i64(), processed: r.u32() };
+        let decoded = Self {
+            h_status: r.i64(),
+            processed: r.u32(),
+        };
         (body.len() == 16 && r.u32() == 0).then_some(decoded)
     }
 }

@@ -174,23 +174,43 @@ pub const EEH_OP_MAX: u32 = 9;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     GetFeatures,
-    SetFeatures { features: u64 },
-    GetStatus { first_session: u32 },
+    SetFeatures {
+        features: u64,
+    },
+    GetStatus {
+        first_session: u32,
+    },
     MemAdd(MemRegion),
     MemRemove(MemRegion),
     GroupAdd(GroupDesc),
-    GroupRemove { group_id: u32 },
+    GroupRemove {
+        group_id: u32,
+    },
     TableAdd(TableDesc),
-    TableRemove { table_id: u32 },
-    WindowQuery { container_id: u32 },
-    WindowCreate { table_id: u32 },
-    WindowRemove { table_id: u32 },
+    TableRemove {
+        table_id: u32,
+    },
+    WindowQuery {
+        container_id: u32,
+    },
+    WindowCreate {
+        table_id: u32,
+    },
+    WindowRemove {
+        table_id: u32,
+    },
     /// Remove every window of the container; then, if `default_table` is set, create the
     /// default window from that table.
-    WindowReset { container_id: u32, default_table: Option<u32> },
+    WindowReset {
+        container_id: u32,
+        default_table: Option<u32>,
+    },
     TceUpdate(TceUpdate),
     EehOp(EehRequest),
-    OpsResult { transaction: u32, results: Vec<OpResult> },
+    OpsResult {
+        transaction: u32,
+        results: Vec<OpResult>,
+    },
 }
 
 impl Request {
@@ -328,17 +348,43 @@ pub enum OwnerOp {
     TceGetInfo { container: u32 },
     /// `VFIO_IOMMU_SPAPR_REGISTER_MEMORY` of `size` bytes at the front-end's address of the
     /// region plus `offset`.
-    RegisterMemory { container: u32, region: u32, offset: u64, size: u64 },
+    RegisterMemory {
+        container: u32,
+        region: u32,
+        offset: u64,
+        size: u64,
+    },
     /// `VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY`, same fields as the registration it undoes.
-    UnregisterMemory { container: u32, region: u32, offset: u64, size: u64 },
+    UnregisterMemory {
+        container: u32,
+        region: u32,
+        offset: u64,
+        size: u64,
+    },
     /// `VFIO_IOMMU_SPAPR_TCE_CREATE`. Output: the window's start address.
-    TceCreate { container: u32, page_shift: u32, window_size: u64, levels: u32 },
+    TceCreate {
+        container: u32,
+        page_shift: u32,
+        window_size: u64,
+        levels: u32,
+    },
     /// `VFIO_IOMMU_SPAPR_TCE_REMOVE`.
     TceRemove { container: u32, start_addr: u64 },
     /// `VFIO_IOMMU_MAP_DMA` of `size` bytes at the region's address plus `offset` to `iova`.
-    MapDma { container: u32, region: u32, offset: u64, iova: u64, size: u64, access: DmaAccess },
+    MapDma {
+        container: u32,
+        region: u32,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        access: DmaAccess,
+    },
     /// `VFIO_IOMMU_UNMAP_DMA`. Output: the number of bytes unmapped.
-    UnmapDma { container: u32, iova: u64, size: u64 },
+    UnmapDma {
+        container: u32,
+        iova: u64,
+        size: u64,
+    },
     /// `VFIO_EEH_PE_OP`. Output: the ioctl's return value (the PE state for GET_STATE).
     EehPeOp {
         container: u32,
@@ -450,17 +496,29 @@ pub struct Reply {
 impl Reply {
     /// A successful final reply with a body.
     pub fn ok(body: Vec<u8>) -> Self {
-        Self { body, ..Self::default() }
+        Self {
+            body,
+            ..Self::default()
+        }
     }
 
     /// A final error reply: `errno` is positive (e.g. `libc::EINVAL`), sent negated.
     pub fn error(errno: i32, text: impl Into<String>) -> Self {
-        Self { status: -errno.abs(), text: text.into(), ..Self::default() }
+        Self {
+            status: -errno.abs(),
+            text: text.into(),
+            ..Self::default()
+        }
     }
 
     /// A reply that opens or continues a transaction.
     pub fn ops(transaction: u32, ops: Vec<OwnerOp>, rollback: bool) -> Self {
-        Self { transaction, ops, rollback, ..Self::default() }
+        Self {
+            transaction,
+            ops,
+            rollback,
+            ..Self::default()
+        }
     }
 }
 

@@ -43,7 +43,11 @@ pub enum RecvError {
 
 /// Receives into `buf` once, appending any fds; returns the bytes read and whether the kernel
 /// truncated the ancillary data.
-fn recv_once(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<(usize, bool)> {
+fn recv_once(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
@@ -77,7 +81,10 @@ pub fn recv_frame(sock: impl AsFd, expect_reply: bool) -> Result<Frame, RecvErro
             return Err(if got == 0 {
                 RecvError::Closed
             } else {
-                RecvError::Truncated { got, want: HEADER_SIZE }
+                RecvError::Truncated {
+                    got,
+                    want: HEADER_SIZE,
+                }
             });
         }
         got += n;
@@ -91,37 +98,62 @@ pub fn recv_frame(sock: impl AsFd, expect_reply: bool) -> Result<Frame, RecvErro
         let (n, trunc) = recv_once(sock, &mut payload[got..], &mut fds)?;
         truncated |= trunc;
         if n == 0 {
-            return Err(RecvError::Truncated { got: HEADER_SIZE + got, want: HEADER_SIZE + payload.len() });
+            return Err(RecvError::Truncated {
+                got: HEADER_SIZE + got,
+                want: HEADER_SIZE + payload.len(),
+            });
         }
         got += n;
     }
-    let fd_problem = if truncated {
-        Some(FdProblem::Truncated)
+    // The control buffer has room for a few more than MAX_FDS (rustix adds alignment slack), so
+    // "too many" is both the kernel's MSG_CTRUNC and a count above the limit.
+    let fd_problem = if truncated || fds.len() > MAX_FDS {
+        Some(FdProblem::TooMany)
     } else if fds.len() != header_fds {
         Some(FdProblem::Misplaced)
     } else {
         None
     };
-    Ok(Frame { header, payload, fds, fd_problem })
+    Ok(Frame {
+        header,
+        payload,
+        fds,
+        fd_problem,
+    })
 }
 
 /// Sends `bytes` (one or more whole frames), attaching `fds` to the first byte.
 pub fn send_bytes(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "more than 8 fds in one message"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "more than 8 fds in one message",
+        ));
     }
     let sock = sock.as_fd();
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "fds do not fit the control buffer"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "fds do not fit the control buffer",
+        ));
     }
     let mut no_control = SendAncillaryBuffer::default();
     let mut sent = 0;
     while sent < bytes.len() {
-        let control = if sent == 0 { &mut control } else { &mut no_control };
+        let control = if sent == 0 {
+            &mut control
+        } else {
+            &mut no_control
+        };
         // MSG_NOSIGNAL: a peer that went away is an EPIPE error here, not a process-killing SIGPIPE.
-        match sendmsg(sock, &[IoSlice::new(&bytes[sent..])], control, SendFlags::NOSIGNAL) {
+        match sendmsg(
+            sock,
+            &[IoSlice::new(&bytes[sent..])],
+            control,
+            SendFlags::NOSIGNAL,
+        ) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => sent += n,
             Err(Errno::INTR) => continue,
@@ -141,7 +173,10 @@ pub fn send_frame(
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
     if payload.len() > MAX_PAYLOAD {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "payload exceeds the maximum"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "payload exceeds the maximum",
+        ));
     }
     let mut frame = Vec::with_capacity(HEADER_SIZE + payload.len());
     frame.extend_from_slice(&Header::new(request, reply, payload.len()).to_bytes());
