@@ -1,0 +1,277 @@
+//! Real fds (memfd, eventfd) across a real socketpair: they arrive close-on-exec and usable, and
+//! every fd of a refused message is closed (the process's open-fd count is unchanged).
+
+use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{fstat, memfd_create, MemfdFlags};
+use rustix::io::{fcntl_getfd, FdFlags};
+use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tce_sidecar::protocol::*;
+
+/// The open-fd count is process-wide, so the tests of this binary run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn open_fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A memfd and an eventfd created *without* close-on-exec, so a close-on-exec flag on the
+/// received copy can only come from MSG_CMSG_CLOEXEC.
+fn memfd_with(contents: &[u8]) -> OwnedFd {
+    let fd = memfd_create("tce-test", MemfdFlags::empty()).unwrap();
+    let mut file = std::fs::File::from(fd);
+    file.write_all(contents).unwrap();
+    file.into()
+}
+
+fn plain_eventfd() -> OwnedFd {
+    eventfd(0, EventfdFlags::empty()).unwrap()
+}
+
+fn mem_add() -> Request {
+    Request::MemAdd(MemRegion {
+        region_id: 1,
+        guest_addr: 0,
+        size: 4096,
+        user_addr: 0x10000,
+        mmap_offset: 0,
+    })
+}
+
+fn group_add() -> Request {
+    Request::GroupAdd(GroupDesc {
+        group_id: 1,
+        container_id: 0,
+        iommu_group: 5,
+    })
+}
+
+fn send_request(sock: &UnixStream, request: &Request, fds: &[&OwnedFd]) {
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    send_frame(
+        sock,
+        request.code() as u32,
+        false,
+        &encode_request(request),
+        &borrowed,
+    )
+    .unwrap();
+}
+
+fn receive(sock: &UnixStream) -> Result<Incoming, DecodeError> {
+    let frame = recv_frame(sock, false).unwrap();
+    decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem)
+}
+
+#[test]
+fn memfd_arrives_close_on_exec_with_its_contents() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let memfd = memfd_with(b"guest ram");
+    assert!(!fcntl_getfd(&memfd).unwrap().contains(FdFlags::CLOEXEC));
+
+    send_request(&front, &mem_add(), &[&memfd]);
+    let incoming = receive(&back).unwrap();
+    assert_eq!(incoming.request, mem_add());
+    let received = incoming.fd.expect("MEM_ADD carries its memfd");
+    assert!(fcntl_getfd(&received).unwrap().contains(FdFlags::CLOEXEC));
+    assert_eq!(
+        fstat(&received).unwrap().st_ino,
+        fstat(&memfd).unwrap().st_ino
+    );
+
+    let mut file = std::fs::File::from(received);
+    let mut contents = String::new();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.read_to_string(&mut contents).unwrap();
+    assert_eq!(contents, "guest ram");
+}
+
+#[test]
+fn eventfd_arrives_close_on_exec_and_shares_its_counter() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let event = plain_eventfd();
+    send_request(&front, &group_add(), &[&event]);
+    let received = receive(&back).unwrap().fd.unwrap();
+    assert!(fcntl_getfd(&received).unwrap().contains(FdFlags::CLOEXEC));
+    rustix::io::write(&event, &5u64.to_ne_bytes()).unwrap();
+    let mut counter = [0u8; 8];
+    rustix::io::read(&received, &mut counter).unwrap();
+    assert_eq!(u64::from_ne_bytes(counter), 5);
+}
+
+#[test]
+fn back_to_back_messages_keep_their_own_fds() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let first = memfd_with(b"a");
+    let second = plain_eventfd();
+    send_request(&front, &mem_add(), &[&first]);
+    send_request(&front, &group_add(), &[&second]);
+    let a = receive(&back).unwrap().fd.unwrap();
+    let b = receive(&back).unwrap().fd.unwrap();
+    assert_eq!(fstat(&a).unwrap().st_ino, fstat(&first).unwrap().st_ino);
+    assert_eq!(fstat(&b).unwrap().st_ino, fstat(&second).unwrap().st_ino);
+}
+
+/// Sends `request` with `fds`, receives it, and checks that it is refused with `kind` and that
+/// the receiving side holds no extra fd afterwards.
+#[track_caller]
+fn assert_refused_and_closed(request: &Request, fd_count: usize, kind: DecodeErrorKind) {
+    let (front, back) = UnixStream::pair().unwrap();
+    let fds: Vec<OwnedFd> = (0..fd_count).map(|_| plain_eventfd()).collect();
+    let before = open_fd_count();
+    send_request(&front, request, &fds.iter().collect::<Vec<_>>());
+    let err = receive(&back).expect_err("the request must be refused");
+    assert_eq!(err.kind, kind);
+    assert_eq!(err.errno(), 9, "fd errors reply -EBADF");
+    assert_eq!(open_fd_count(), before, "every received fd was closed");
+}
+
+#[test]
+fn extra_fd_is_refused_and_closed() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    assert_refused_and_closed(
+        &group_add(),
+        2,
+        DecodeErrorKind::FdCount {
+            expected: 1,
+            got: 2,
+        },
+    );
+    assert_refused_and_closed(
+        &Request::GetFeatures,
+        1,
+        DecodeErrorKind::FdCount {
+            expected: 0,
+            got: 1,
+        },
+    );
+    assert_refused_and_closed(
+        &Request::WindowQuery { container_id: 0 },
+        8,
+        DecodeErrorKind::FdCount {
+            expected: 0,
+            got: 8,
+        },
+    );
+}
+
+#[test]
+fn missing_fd_is_refused() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    assert_refused_and_closed(
+        &mem_add(),
+        0,
+        DecodeErrorKind::FdCount {
+            expected: 1,
+            got: 0,
+        },
+    );
+}
+
+/// Sends GROUP_ADD with `count` fds by hand (send_frame refuses more than 8).
+fn send_group_add_with_fds(front: &UnixStream, count: usize) {
+    let fds: Vec<OwnedFd> = (0..count).map(|_| plain_eventfd()).collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let payload = encode_request(&group_add());
+    let header = Header::new(RequestCode::GroupAdd as u32, false, payload.len()).to_bytes();
+    let frame = [header.to_vec(), payload].concat();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(count))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
+    let sent = sendmsg(
+        front,
+        &[IoSlice::new(&frame)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(sent, frame.len());
+}
+
+#[test]
+fn more_than_eight_fds_are_refused_and_closed() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // 9 and 10 fds fit the receive buffer and are counted; 64 overflow it (MSG_CTRUNC) and the
+    // kernel closes the ones it could not deliver.
+    for count in [9, 10, 64] {
+        let (front, back) = UnixStream::pair().unwrap();
+        let before = open_fd_count();
+        send_group_add_with_fds(&front, count);
+        let err = receive(&back).expect_err("too many fds must be refused");
+        assert_eq!(err.kind, DecodeErrorKind::TooManyFds, "{count} fds");
+        assert_eq!(open_fd_count(), before, "{count} fds");
+    }
+}
+
+#[test]
+fn fds_attached_to_payload_bytes_are_refused_and_closed() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let memfd = memfd_with(b"x");
+    let payload = encode_request(&mem_add());
+    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
+    let before = open_fd_count();
+    send_bytes(&front, &header, &[]).unwrap();
+    send_bytes(&front, &payload, &[memfd.as_fd()]).unwrap();
+    let err = receive(&back).expect_err("fds with the payload must be refused");
+    assert_eq!(err.kind, DecodeErrorKind::FdsMisplaced);
+    assert_eq!(open_fd_count(), before);
+}
+
+#[test]
+fn broken_frame_with_fds_closes_them() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let memfd = memfd_with(b"x");
+    let before = open_fd_count();
+    let bad_version = [[4u8, 0, 0, 0], 2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    send_bytes(&front, &bad_version, &[memfd.as_fd()]).unwrap();
+    assert!(matches!(
+        recv_frame(&back, false),
+        Err(RecvError::Frame(FrameError::BadVersion(2)))
+    ));
+    assert_eq!(open_fd_count(), before);
+}
+
+#[test]
+fn send_frame_refuses_more_than_eight_fds() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, _back) = UnixStream::pair().unwrap();
+    let fds: Vec<OwnedFd> = (0..9).map(|_| plain_eventfd()).collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let err = send_frame(
+        &front,
+        RequestCode::GroupAdd as u32,
+        false,
+        &[0; 16],
+        &borrowed,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
