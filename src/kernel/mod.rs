@@ -6,11 +6,13 @@
 //! ([`route`]), its typed result ([`Output`]), and the lossless mapping to and from the wire
 //! form of the calls the front-end executes ([`OwnerOp`] and [`OpResult`]).
 //! It must not decide policy (which call to make when is the engine's business) and holds no
-//! `unsafe`: the real calls live in the `linux` backend, the only module allowed `unsafe`.
+//! `unsafe`: the real calls live in [`linux`], the only module allowed `unsafe`.
 //! Objects are named by the session's typed ids, never by fd numbers; an [`Objects`] resolver
 //! supplied by the caller maps them to the caller's fds and addresses.
 #![deny(unsafe_code)]
 
+pub mod abi;
+pub mod linux;
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
