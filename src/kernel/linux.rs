@@ -252,6 +252,8 @@ impl Kernel for Linux {
                 // `struct vfio_iommu_type1_dma_unmap`; `argsz` excludes the flexible array
                 // and no flag that uses it is set.
                 unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_UNMAP_DMA, &mut arg) }?;
+                // The sPAPR driver clears the whole range or fails, and does not write `size`
+                // back (Type1 does), so on success this is the size asked for.
                 Ok(Output::Unmapped(arg.size))
             }
             KernelOp::EehPeOp {
