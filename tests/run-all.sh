@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 skip() { printf 'SKIP: %s\n' "$*"; }
 
+step "setup: C compilers and uapi headers for the kernel ABI test"
+bash tests/setup/kernel-abi.sh
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 
@@ -18,6 +21,9 @@ cargo clippy --all-targets -- -D warnings
 
 step "test suite (cargo test)"
 cargo test --all-targets
+
+step "powerpc64le type check (cargo check --target powerpc64le-unknown-linux-gnu)"
+bash tests/setup/ppc64le-target.sh
 
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
 fuzz_ready=true

@@ -395,8 +395,10 @@ fn address_in(
 }
 
 /// Reads `count` entries from `first_index` of a KVM TCE table by mapping the pages that hold
-/// them (K6). Entries are big-endian u64 (PAPR); the result is in host order. `EINVAL` when the
-/// range passes the table's end.
+/// them (K6). The kernel stores each entry as a host-order u64 (`kvmppc_tce_put` writes
+/// `tbl[idx] = tce` through a `u64 *`, and QEMU reads its mapping without swapping); only the
+/// guest's H_PUT_TCE_INDIRECT list in guest memory is big-endian. `EINVAL` when the range passes
+/// the table's end.
 fn read_tces(table: TableFd<'_>, first_index: u64, count: u32) -> Result<Vec<u64>, Errno> {
     const ENTRY: u64 = size_of::<u64>() as u64;
     let end = first_index.checked_add(count.into()).ok_or(Errno::INVAL)?;
@@ -419,12 +421,11 @@ fn read_tces(table: TableFd<'_>, first_index: u64, count: u32) -> Result<Vec<u64
             // SAFETY: entry i lies inside the mapping: skip + 8 * (i + 1) <= end * 8 - map_start
             // <= len; the offset is 8-byte aligned (map_start is page aligned). The kernel may
             // change entries at any time, so each is read once, volatile.
-            let raw = unsafe {
+            unsafe {
                 base.add(skip + i * ENTRY as usize)
                     .cast::<u64>()
                     .read_volatile()
-            };
-            u64::from_be(raw)
+            }
         })
         .collect();
     Ok(tces)
@@ -526,11 +527,11 @@ mod tests {
         }
     }
 
-    /// A memfd standing in for a KVM TCE table fd: both are mmap-able files of big-endian
+    /// A memfd standing in for a KVM TCE table fd: both are mmap-able files of host-order
     /// entries; a real TCE table needs a powerpc KVM host.
     fn table_of(entries: &[u64]) -> OwnedFd {
         let fd = rustix::fs::memfd_create("tces", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_ne_bytes()).collect();
         rustix::io::write(&fd, &bytes).unwrap();
         fd
     }
