@@ -248,7 +248,17 @@ fn tce_update_invalid_fields_are_refused() {
             value: 0,
         },
     );
+    assert_refused(
+        decode(code, &tce_update_bytes(0, 513, 0), 0),
+        EINVAL,
+        DecodeErrorKind::Invalid {
+            field: "count",
+            value: 513,
+        },
+    );
     assert!(decode(code, &tce_update_bytes(1, 512, 512), 0).is_ok());
+    assert!(decode(code, &tce_update_bytes(0, 512, 0), 0).is_ok());
+    assert!(decode(code, &tce_update_bytes(2, u32::MAX, 1), 0).is_ok());
 }
 
 #[test]

@@ -86,14 +86,16 @@ fn arb_request() -> impl Strategy<Value = Request> {
                 default_table,
             }
         }),
-        (any::<u32>(), any::<u64>(), 1u32..=u32::MAX).prop_map(|(table_id, first_index, count)| {
-            Request::TceUpdate(TceUpdate {
-                table_id,
-                first_index,
-                count,
-                entries: TceEntries::Shared,
-            })
-        }),
+        (any::<u32>(), any::<u64>(), 1u32..=MAX_INLINE_TCES).prop_map(
+            |(table_id, first_index, count)| {
+                Request::TceUpdate(TceUpdate {
+                    table_id,
+                    first_index,
+                    count,
+                    entries: TceEntries::Shared,
+                })
+            }
+        ),
         (
             any::<u32>(),
             any::<u64>(),

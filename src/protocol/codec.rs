@@ -383,6 +383,14 @@ fn expected_size(code: RequestCode, payload: &[u8]) -> Result<usize, DecodeError
             let source = r.u32();
             let _first = r.u64();
             let count = r.u32();
+            // SHARED and INLINE updates carry at most one H_PUT_TCE_INDIRECT's worth of
+            // entries; only STUFF (one value) may cover a whole table.
+            if source != TCE_SOURCE_STUFF && count > MAX_INLINE_TCES {
+                return Err(DecodeErrorKind::Invalid {
+                    field: "count",
+                    value: count.into(),
+                });
+            }
             match source {
                 TCE_SOURCE_SHARED => TCE_UPDATE_FIXED,
                 TCE_SOURCE_STUFF => TCE_UPDATE_FIXED + 8,

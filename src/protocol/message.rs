@@ -137,7 +137,8 @@ pub struct TableDesc {
 /// Where the entries of a slow-path TCE update come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TceEntries {
-    /// Read `count` entries from the shared table, starting at `first_index`.
+    /// Read `count` entries (at most [`crate::protocol::MAX_INLINE_TCES`]) from the shared
+    /// table, starting at `first_index`.
     Shared,
     /// The entries, carried in the message (at most [`crate::protocol::MAX_INLINE_TCES`]).
     Inline(Vec<u64>),

@@ -26,7 +26,7 @@ pub const HEADER_SIZE: usize = 12;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// At most this many fds travel with one message (SCM_RIGHTS).
 pub const MAX_FDS: usize = 8;
-/// Largest number of TCE entries carried inline in one update (H_PUT_TCE_INDIRECT's limit).
+/// Largest number of TCE entries in one INLINE or SHARED update (H_PUT_TCE_INDIRECT's limit).
 pub const MAX_INLINE_TCES: u32 = 512;
 /// Largest number of owner operations in one reply, and so of results in one OPS_RESULT.
 pub const MAX_OPS: usize = 512;
