@@ -1,0 +1,1286 @@
+//! One procedure per request: the checks the engine makes before any kernel call, and the
+//! kernel calls, stage by stage, in the order QEMU makes them today (qemu-notes §3–§11).
+
+use std::collections::VecDeque;
+
+use rustix::io::Errno;
+
+use crate::kernel::{ContainerId, GroupId, KernelOp, Output, OwnershipMode, RegionId, TableId};
+use crate::protocol::{
+    DmaAccess, EehBody, EehRequest, MemRegion, Request, RequestCode, TableDesc, TceEntries,
+    TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH,
+};
+
+use super::state::{Group, Region, State, Table};
+use super::window::{geometry, Geometry};
+use super::{EngineError, FdFacts, Host};
+
+/// `VFIO_SPAPR_TCE_v2_IOMMU`.
+const SPAPR_TCE_V2_IOMMU: u32 = 7;
+/// Hypercall return codes (PAPR).
+const H_SUCCESS: i64 = 0;
+const H_HARDWARE: i64 = -1;
+const H_PARAMETER: i64 = -4;
+/// TCE permission bits.
+const TCE_READ: u64 = 1;
+const TCE_WRITE: u64 = 2;
+
+pub enum Step {
+    /// Answered without a kernel call.
+    Done(Vec<u8>),
+    Run(Procedure, RequestCode),
+}
+
+/// What to do after a call failed.
+pub enum Failure {
+    /// Replace the rest of the stage with these calls.
+    Retry(Vec<KernelOp>),
+    /// Go on with the remaining calls (teardown does its best).
+    Continue,
+    /// The request fails: roll back (or stop and report).
+    Fail(EngineError),
+}
+
+#[derive(Debug)]
+pub enum Procedure {
+    GroupAdd {
+        group: GroupId,
+        container: ContainerId,
+        stage: u8,
+        new_container: bool,
+    },
+    GroupRemove {
+        group: GroupId,
+        stage: u8,
+    },
+    MemAdd {
+        region: RegionId,
+        stage: u8,
+    },
+    MemRemove {
+        region: RegionId,
+        stage: u8,
+    },
+    WindowCreate(WindowCreate),
+    WindowRemove {
+        table: TableId,
+        stage: u8,
+    },
+    WindowReset {
+        container: ContainerId,
+        stage: u8,
+        default: Option<TableId>,
+        create: Option<WindowCreate>,
+        host: Host,
+    },
+    TceUpdate(TceUpdateProc),
+    Eeh {
+        request: EehRequest,
+        stage: u8,
+        result: Option<u32>,
+    },
+    Teardown {
+        stage: u8,
+    },
+}
+
+#[derive(Debug)]
+pub struct WindowCreate {
+    table: TableId,
+    geometry: Geometry,
+    levels: u32,
+    start: Option<u64>,
+    stage: u8,
+}
+
+#[derive(Debug)]
+pub struct TceUpdateProc {
+    update: TceUpdate,
+    values: Option<Vec<u64>>,
+    stage: u8,
+    /// Index (relative to the update) of the first entry of each pending call.
+    op_starts: VecDeque<u64>,
+    processed: u64,
+    h_failure: i64,
+}
+
+fn err(errno: Errno, text: impl Into<String>) -> EngineError {
+    EngineError::new(errno, text)
+}
+
+/// Checks a request and returns its procedure (or its immediate answer).
+pub fn start(
+    state: &mut State,
+    host: &Host,
+    mode: OwnershipMode,
+    features: u64,
+    request: Request,
+    fd: Option<FdFacts>,
+) -> Result<Step, EngineError> {
+    let code = request.code();
+    let run = |p| Ok(Step::Run(p, code));
+    match request {
+        Request::GetFeatures
+        | Request::SetFeatures { .. }
+        | Request::GetStatus { .. }
+        | Request::OpsResult { .. } => Err(err(Errno::PROTO, "not a session request")),
+        Request::MemAdd(desc) => {
+            check_region(state, host, &desc, fd)?;
+            let page_size = fd.map_or(host.page_size, |f| f.page_size.max(host.page_size));
+            state
+                .regions
+                .insert(RegionId(desc.region_id), Region { desc, page_size });
+            run(Procedure::MemAdd {
+                region: RegionId(desc.region_id),
+                stage: 0,
+            })
+        }
+        Request::MemRemove(desc) => {
+            let region = RegionId(desc.region_id);
+            match state.regions.get(&region) {
+                None => Err(err(Errno::NOENT, format!("{region} is not registered"))),
+                Some(r) if r.desc != desc => Err(err(
+                    Errno::INVAL,
+                    format!("the fields do not match those {region} was added with"),
+                )),
+                Some(_) => run(Procedure::MemRemove { region, stage: 0 }),
+            }
+        }
+        Request::GroupAdd(desc) => {
+            let group = GroupId(desc.group_id);
+            if state.groups.contains_key(&group) {
+                return Err(err(Errno::EXIST, format!("{group} is already registered")));
+            }
+            if let Some((other, _)) = state
+                .groups
+                .iter()
+                .find(|(_, g)| g.iommu_group == desc.iommu_group)
+            {
+                return Err(err(
+                    Errno::BUSY,
+                    format!(
+                        "IOMMU group {} is already in the session as {other}",
+                        desc.iommu_group
+                    ),
+                ));
+            }
+            let container = ContainerId(desc.container_id);
+            state.groups.insert(
+                group,
+                Group {
+                    container,
+                    iommu_group: desc.iommu_group,
+                    file_added: false,
+                    attached: false,
+                    associations: Default::default(),
+                },
+            );
+            state
+                .containers
+                .entry(container)
+                .or_default()
+                .groups
+                .insert(group);
+            run(Procedure::GroupAdd {
+                group,
+                container,
+                stage: 0,
+                new_container: false,
+            })
+        }
+        Request::GroupRemove { group_id } => {
+            let group = GroupId(group_id);
+            if !state.groups.contains_key(&group) {
+                return Err(err(Errno::NOENT, format!("{group} is not registered")));
+            }
+            run(Procedure::GroupRemove { group, stage: 0 })
+        }
+        Request::TableAdd(desc) => {
+            check_table(state, mode, &desc, fd)?;
+            state.tables.insert(
+                TableId(desc.table_id),
+                Table {
+                    desc,
+                    mapped: Default::default(),
+                },
+            );
+            Ok(Step::Done(Vec::new()))
+        }
+        Request::TableRemove { table_id } => {
+            let table = TableId(table_id);
+            if !state.tables.contains_key(&table) {
+                return Err(err(Errno::NOENT, format!("{table} is not registered")));
+            }
+            if state.window_of(table).is_some() {
+                return Err(err(
+                    Errno::BUSY,
+                    format!("{table} still has a window; remove it first"),
+                ));
+            }
+            state.tables.remove(&table);
+            Ok(Step::Done(Vec::new()))
+        }
+        Request::WindowQuery { container_id } => {
+            let container = ContainerId(container_id);
+            let info = state
+                .containers
+                .get(&container)
+                .and_then(|c| c.info)
+                .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
+            let used = state.containers[&container]
+                .windows
+                .values()
+                .filter(|w| !w.default)
+                .count() as u32;
+            let body = WindowQueryBody {
+                windows_available: info.max_dynamic_windows.saturating_sub(used),
+                windows_max: info.max_dynamic_windows,
+                page_sizes: info.pgsizes,
+                ram_size: state.regions.values().map(|r| r.desc.size).sum(),
+            };
+            Ok(Step::Done(body.encode()))
+        }
+        Request::WindowCreate { table_id } => {
+            let create = WindowCreate::check(state, host, TableId(table_id))?;
+            run(Procedure::WindowCreate(create))
+        }
+        Request::WindowRemove { table_id } => {
+            let table = TableId(table_id);
+            if !state.tables.contains_key(&table) {
+                return Err(err(Errno::NOENT, format!("{table} is not registered")));
+            }
+            if state.window_of(table).is_none() {
+                return Err(err(Errno::NOENT, format!("{table} has no window")));
+            }
+            run(Procedure::WindowRemove { table, stage: 0 })
+        }
+        Request::WindowReset {
+            container_id,
+            default_table,
+        } => {
+            let container = ContainerId(container_id);
+            if state
+                .containers
+                .get(&container)
+                .and_then(|c| c.info)
+                .is_none()
+            {
+                return Err(err(
+                    Errno::NXIO,
+                    format!("{container} has no group attached"),
+                ));
+            }
+            let default = default_table.map(TableId);
+            if let Some(t) = default {
+                match state.tables.get(&t) {
+                    None => return Err(err(Errno::NOENT, format!("{t} is not registered"))),
+                    Some(table) if table.desc.container_id != container_id => {
+                        return Err(err(
+                            Errno::INVAL,
+                            format!("{t} belongs to another container"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            run(Procedure::WindowReset {
+                container,
+                stage: 0,
+                default,
+                create: None,
+                host: *host,
+            })
+        }
+        Request::TceUpdate(update) => {
+            let table = TableId(update.table_id);
+            let t = state
+                .tables
+                .get(&table)
+                .ok_or_else(|| err(Errno::NOENT, format!("{table} is not registered")))?;
+            if state.window_of(table).is_none() {
+                return Err(err(Errno::INVAL, format!("{table} has no window")));
+            }
+            let end = update.first_index.checked_add(update.count.into());
+            if end.is_none_or(|end| end > t.desc.entries) {
+                return Err(err(
+                    Errno::INVAL,
+                    format!(
+                        "entries {}..+{} lie outside {table} ({} entries)",
+                        update.first_index, update.count, t.desc.entries
+                    ),
+                ));
+            }
+            run(Procedure::TceUpdate(TceUpdateProc {
+                update,
+                values: None,
+                stage: 0,
+                op_starts: VecDeque::new(),
+                processed: 0,
+                h_failure: H_HARDWARE,
+            }))
+        }
+        Request::EehOp(request) => {
+            if features & FEATURE_EEH == 0 {
+                return Err(err(Errno::NOTSUP, "EEH was not negotiated"));
+            }
+            let container = ContainerId(request.container_id);
+            let c = state
+                .containers
+                .get(&container)
+                .filter(|c| c.info.is_some())
+                .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
+            if c.groups.len() != 1 {
+                return Err(err(
+                    Errno::INVAL,
+                    format!(
+                        "EEH needs a container with exactly one group; {container} has {}",
+                        c.groups.len()
+                    ),
+                ));
+            }
+            run(Procedure::Eeh {
+                request,
+                stage: 0,
+                result: None,
+            })
+        }
+    }
+}
+
+fn check_region(
+    state: &State,
+    host: &Host,
+    desc: &MemRegion,
+    fd: Option<FdFacts>,
+) -> Result<(), EngineError> {
+    let region = RegionId(desc.region_id);
+    if state.regions.contains_key(&region) {
+        return Err(err(Errno::EXIST, format!("{region} is already registered")));
+    }
+    let page = host.page_size;
+    let aligned = [desc.guest_addr, desc.size, desc.user_addr, desc.mmap_offset]
+        .iter()
+        .all(|v| v % page == 0);
+    if desc.size == 0 || !aligned {
+        return Err(err(
+            Errno::INVAL,
+            format!("guest address, size, user address and mmap offset must be nonzero multiples of the host page size {page:#x}"),
+        ));
+    }
+    let end = desc
+        .guest_addr
+        .checked_add(desc.size)
+        .ok_or_else(|| err(Errno::INVAL, "region wraps"))?;
+    if let Some(fd) = fd {
+        if desc
+            .mmap_offset
+            .checked_add(desc.size)
+            .is_none_or(|e| e > fd.size)
+        {
+            return Err(err(
+                Errno::INVAL,
+                format!(
+                    "the memfd holds {:#x} bytes, the region needs {:#x} at offset {:#x}",
+                    fd.size, desc.size, desc.mmap_offset
+                ),
+            ));
+        }
+    }
+    if let Some((other, _)) = state
+        .regions
+        .iter()
+        .find(|(_, r)| desc.guest_addr < r.desc.guest_addr + r.desc.size && r.desc.guest_addr < end)
+    {
+        return Err(err(
+            Errno::INVAL,
+            format!("the region overlaps {other} in guest memory"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_table(
+    state: &State,
+    mode: OwnershipMode,
+    desc: &TableDesc,
+    fd: Option<FdFacts>,
+) -> Result<(), EngineError> {
+    let table = TableId(desc.table_id);
+    let container = ContainerId(desc.container_id);
+    if state.tables.contains_key(&table) {
+        return Err(err(Errno::EXIST, format!("{table} is already registered")));
+    }
+    if !state.groups.values().any(|g| g.container == container) {
+        return Err(err(Errno::NOENT, format!("{container} has no group")));
+    }
+    if !(12..=34).contains(&desc.page_shift) {
+        return Err(err(
+            Errno::INVAL,
+            format!("page shift {} is outside 12..=34", desc.page_shift),
+        ));
+    }
+    let size = desc
+        .entries
+        .checked_shl(desc.page_shift)
+        .filter(|s| s >> desc.page_shift == desc.entries);
+    let fits = size.and_then(|s| desc.bus_offset.checked_add(s)).is_some();
+    if desc.entries == 0 || !fits || desc.bus_offset % (1 << desc.page_shift) != 0 {
+        return Err(err(
+            Errno::INVAL,
+            "entries must be nonzero, the bus offset page aligned, and the window must not wrap",
+        ));
+    }
+    if let Some((other, _)) = state
+        .tables
+        .iter()
+        .find(|(_, t)| t.desc.liobn == desc.liobn)
+    {
+        return Err(err(
+            Errno::EXIST,
+            format!("LIOBN {:#x} is already used by {other}", desc.liobn),
+        ));
+    }
+    // In isolated mode the fd is the front-end's shared userspace table, which must hold every
+    // entry; a KVM table fd (accelerated) has no size to check.
+    if mode == OwnershipMode::Isolated {
+        let needed = desc.entries.saturating_mul(8);
+        if fd.is_none_or(|f| f.size < needed) {
+            return Err(err(
+                Errno::INVAL,
+                format!(
+                    "the shared table memfd must hold {needed:#x} bytes ({} entries)",
+                    desc.entries
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl WindowCreate {
+    fn check(state: &State, host: &Host, table: TableId) -> Result<Self, EngineError> {
+        let t = state
+            .tables
+            .get(&table)
+            .ok_or_else(|| err(Errno::NOENT, format!("{table} is not registered")))?;
+        let container = ContainerId(t.desc.container_id);
+        let c = state
+            .containers
+            .get(&container)
+            .filter(|c| c.info.is_some())
+            .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
+        let info = c.info.unwrap_or_default();
+        if state.window_of(table).is_some() {
+            return Err(err(Errno::EXIST, format!("{table} already has a window")));
+        }
+        let (start, end) = (t.desc.bus_offset, t.desc.bus_offset + t.window_size());
+        if let Some((at, w)) = c
+            .windows
+            .iter()
+            .find(|(at, w)| **at < end && start < **at + w.size)
+        {
+            return Err(err(
+                Errno::INVAL,
+                format!(
+                    "the window {start:#x}..{end:#x} overlaps the window at {at:#x} of {:#x} bytes",
+                    w.size
+                ),
+            ));
+        }
+        let used = c.windows.values().filter(|w| !w.default).count() as u32;
+        if used >= info.max_dynamic_windows {
+            return Err(err(
+                Errno::NOSPC,
+                format!(
+                    "{container} already has {used} of {} windows",
+                    info.max_dynamic_windows
+                ),
+            ));
+        }
+        let ram_page = state
+            .regions
+            .values()
+            .map(|r| r.page_size)
+            .min()
+            .unwrap_or(host.page_size);
+        let geometry = geometry(
+            t.desc.page_shift,
+            t.desc.entries,
+            info.pgsizes,
+            info.levels,
+            ram_page,
+            host.page_size,
+        )?;
+        Ok(Self {
+            table,
+            geometry,
+            levels: geometry.levels,
+            start: None,
+            stage: 0,
+        })
+    }
+
+    fn create_op(&self, container: ContainerId) -> KernelOp {
+        KernelOp::TceCreate {
+            container,
+            page_shift: self.geometry.hw_page_shift,
+            window_size: self.geometry.window_size,
+            levels: self.levels,
+        }
+    }
+
+    fn next(
+        &mut self,
+        state: &State,
+        mode: OwnershipMode,
+    ) -> Result<Option<Vec<KernelOp>>, EngineError> {
+        let t = &state.tables[&self.table];
+        let container = ContainerId(t.desc.container_id);
+        self.stage += 1;
+        match self.stage {
+            1 => Ok(Some(vec![self.create_op(container)])),
+            2 => {
+                let start = self.start.unwrap_or(u64::MAX);
+                if start != t.desc.bus_offset {
+                    return Err(err(
+                        Errno::INVAL,
+                        format!(
+                            "the host placed the window at {start:#x} but {} expects {:#x}; the host cannot serve this window",
+                            self.table, t.desc.bus_offset
+                        ),
+                    ));
+                }
+                if mode == OwnershipMode::Isolated {
+                    // K7: the sidecar's mm owns the container, so KVM must not be told about the
+                    // hardware table; the front-end keeps this table in userspace.
+                    return Ok(Some(Vec::new()));
+                }
+                // The kernel's own checks for the association (kvm_spapr_tce_attach_iommu_group),
+                // made here first so a refusal says why.
+                let g = self.geometry;
+                if g.hw_page_shift > t.desc.page_shift || g.window_size < t.window_size() {
+                    return Err(err(
+                        Errno::INVAL,
+                        "the hardware window cannot back the guest table",
+                    ));
+                }
+                let groups = state
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| g.container == container && g.attached);
+                Ok(Some(
+                    groups
+                        .map(|(id, _)| KernelOp::KvmSetSpaprTce {
+                            group: *id,
+                            table: self.table,
+                        })
+                        .collect(),
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn failed(&mut self, op: &KernelOp, errno: Errno) -> Failure {
+        match *op {
+            KernelOp::TceCreate { container, .. } if self.levels < self.geometry.max_levels => {
+                // Deeper tables need smaller contiguous allocations: retry as QEMU does.
+                self.levels += 1;
+                Failure::Retry(vec![self.create_op(container)])
+            }
+            KernelOp::TceCreate { .. } => Failure::Fail(err(
+                errno,
+                format!(
+                    "TCE_CREATE of a {:#x}-byte window of {:#x}-byte pages failed with {} to {} levels: {errno}",
+                    self.geometry.window_size,
+                    1u64 << self.geometry.hw_page_shift,
+                    self.geometry.levels,
+                    self.levels
+                ),
+            )),
+            KernelOp::KvmSetSpaprTce { group, table } => Failure::Fail(err(
+                errno,
+                format!(
+                    "KVM refused to associate {table} with {group}: {errno}; the window is removed \
+                     (associations already made stay in KVM until their group is removed)"
+                ),
+            )),
+            _ => Failure::Fail(err(errno, format!("{op:?} failed: {errno}"))),
+        }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        WindowCreateBody {
+            start_addr: self.start.unwrap_or_default(),
+            hw_page_shift: self.geometry.hw_page_shift,
+            levels: self.levels,
+        }
+        .encode()
+    }
+}
+
+/// Calls that take down one hardware window: unmap what may be mapped, then remove it.
+fn remove_window_ops(
+    state: &State,
+    mode: OwnershipMode,
+    container: ContainerId,
+    start: u64,
+) -> Vec<KernelOp> {
+    let Some(w) = state
+        .containers
+        .get(&container)
+        .and_then(|c| c.windows.get(&start))
+    else {
+        return Vec::new();
+    };
+    let table = state.table_at(container, start).filter(|_| !w.default);
+    // In accelerated mode the kernel maps entries itself, so only a full unmap is certain to
+    // release them (QEMU unmaps the whole section too); in isolated mode the session knows.
+    let unmap = match (mode, table) {
+        (_, None) => false,
+        (OwnershipMode::Accelerated, Some(_)) => true,
+        (OwnershipMode::Isolated, Some(t)) => state.tables[&t].mapped.count() > 0,
+    };
+    let mut ops = Vec::new();
+    if unmap {
+        ops.push(KernelOp::UnmapDma {
+            container,
+            iova: start,
+            size: w.size,
+        });
+    }
+    ops.push(KernelOp::TceRemove {
+        container,
+        start_addr: start,
+    });
+    ops
+}
+
+fn register_ops(state: &State, container: ContainerId, register: bool) -> Vec<KernelOp> {
+    let c = state.containers.get(&container);
+    state
+        .regions
+        .iter()
+        .filter(|(id, _)| c.is_some_and(|c| c.registered.contains(id)) != register)
+        .map(|(id, r)| {
+            let (region, offset, size) = (*id, 0, r.desc.size);
+            if register {
+                KernelOp::RegisterMemory {
+                    container,
+                    region,
+                    offset,
+                    size,
+                }
+            } else {
+                KernelOp::UnregisterMemory {
+                    container,
+                    region,
+                    offset,
+                    size,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Explains a failed REGISTER_MEMORY: ENOMEM means the owner's locked-memory limit.
+fn describe(
+    op: &KernelOp,
+    errno: Errno,
+    state: &State,
+    mode: Option<OwnershipMode>,
+) -> EngineError {
+    match op {
+        KernelOp::RegisterMemory { region, size, .. } if errno == Errno::NOMEM => {
+            let total: u64 = state.regions.values().map(|r| r.desc.size).sum();
+            let owner = match mode {
+                Some(OwnershipMode::Accelerated) => "the front-end (QEMU)",
+                Some(OwnershipMode::Isolated) | None => "the sidecar",
+            };
+            err(
+                errno,
+                format!(
+                    "registering {region} ({size:#x} bytes) exceeded the locked-memory limit: \
+                     {owner} needs RLIMIT_MEMLOCK of at least {total} bytes to pin all guest RAM"
+                ),
+            )
+        }
+        KernelOp::UnregisterMemory { region, .. } if errno == Errno::BUSY => err(
+            errno,
+            format!("{region} is still mapped for DMA; unmap it first"),
+        ),
+        _ => err(errno, format!("{op:?} failed: {errno}")),
+    }
+}
+
+impl TceUpdateProc {
+    fn plan(&mut self, state: &State, mode: OwnershipMode) -> Result<Vec<KernelOp>, EngineError> {
+        let table = TableId(self.update.table_id);
+        let t = &state.tables[&table];
+        let container = ContainerId(t.desc.container_id);
+        let shift = t.desc.page_shift;
+        let page = 1u64 << shift;
+        let first = self.update.first_index;
+        let count = u64::from(self.update.count);
+        let iova = |index: u64| t.desc.bus_offset + (index << shift);
+        self.op_starts.clear();
+        let mut ops = Vec::new();
+
+        if let TceEntries::Stuff(value) = self.update.entries {
+            if value & (TCE_READ | TCE_WRITE) != 0 {
+                // H_STUFF_TCE only clears (book3s_64_vio.c refuses permission bits).
+                return Err(self
+                    .parameter("H_STUFF_TCE carries permission bits; it can only clear entries"));
+            }
+            for (start, len) in self.unmap_runs(t, mode, first, count) {
+                self.op_starts.push_back(start - first);
+                ops.push(KernelOp::UnmapDma {
+                    container,
+                    iova: iova(start),
+                    size: len << shift,
+                });
+            }
+            return Ok(ops);
+        }
+        let values = match (&self.update.entries, &self.values) {
+            (TceEntries::Inline(v), _) | (TceEntries::Shared, Some(v)) => v.clone(),
+            (TceEntries::Shared, None) | (TceEntries::Stuff(_), _) => Vec::new(),
+        };
+        // Validate every entry before making any call, as H_PUT_TCE_INDIRECT does.
+        let mut targets = Vec::with_capacity(values.len());
+        for (i, &value) in values.iter().enumerate() {
+            let access = DmaAccess {
+                read: value & TCE_READ != 0,
+                write: value & TCE_WRITE != 0,
+            };
+            if !access.read && !access.write {
+                targets.push(None);
+                continue;
+            }
+            let addr = value & !(TCE_READ | TCE_WRITE);
+            if addr % page != 0 {
+                return Err(self.parameter(format!(
+                    "entry {i}: address {addr:#x} is not aligned to the {page:#x}-byte IOMMU page"
+                )));
+            }
+            let region = state.regions.iter().find(|(_, r)| {
+                addr >= r.desc.guest_addr
+                    && addr
+                        .checked_add(page)
+                        .is_some_and(|e| e <= r.desc.guest_addr + r.desc.size)
+            });
+            let Some((region, r)) = region else {
+                return Err(self.parameter(format!(
+                    "entry {i}: guest address {addr:#x} is outside registered RAM"
+                )));
+            };
+            targets.push(Some((*region, addr - r.desc.guest_addr, access)));
+        }
+        // Coalesce: consecutive entries whose bus and host addresses are both contiguous, with
+        // the same permissions, become one call.
+        let mut i = 0;
+        while i < targets.len() {
+            let index = first + i as u64;
+            match targets[i] {
+                Some((region, offset, access)) => {
+                    let mut n = 1;
+                    while i + n < targets.len()
+                        && targets[i + n] == Some((region, offset + n as u64 * page, access))
+                    {
+                        n += 1;
+                    }
+                    self.op_starts.push_back(i as u64);
+                    ops.push(KernelOp::MapDma {
+                        container,
+                        region,
+                        offset,
+                        iova: iova(index),
+                        size: n as u64 * page,
+                        access,
+                    });
+                    i += n;
+                }
+                None => {
+                    let mut n = 1;
+                    while i + n < targets.len() && targets[i + n].is_none() {
+                        n += 1;
+                    }
+                    for (start, len) in self.unmap_runs(t, mode, index, n as u64) {
+                        self.op_starts.push_back(start - first);
+                        ops.push(KernelOp::UnmapDma {
+                            container,
+                            iova: iova(start),
+                            size: len << shift,
+                        });
+                    }
+                    i += n;
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Runs of entries in `first..first + count` to unmap: all of them in accelerated mode (the
+    /// kernel may have mapped any), only those this session mapped in isolated mode.
+    fn unmap_runs(
+        &self,
+        t: &Table,
+        mode: OwnershipMode,
+        first: u64,
+        count: u64,
+    ) -> Vec<(u64, u64)> {
+        if mode == OwnershipMode::Accelerated {
+            return vec![(first, count)];
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for index in t.mapped.set_in(first, count) {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == index => *len += 1,
+                _ => runs.push((index, 1)),
+            }
+        }
+        runs
+    }
+
+    fn parameter(&mut self, text: impl Into<String>) -> EngineError {
+        self.h_failure = H_PARAMETER;
+        err(Errno::INVAL, text)
+    }
+}
+
+pub fn tce_refusal_body(errno: Errno) -> Vec<u8> {
+    let h_status = if errno == Errno::INVAL || errno == Errno::NOENT {
+        H_PARAMETER
+    } else {
+        H_HARDWARE
+    };
+    TceUpdateBody {
+        h_status,
+        processed: 0,
+    }
+    .encode()
+}
+
+impl Procedure {
+    pub fn teardown() -> Self {
+        Self::Teardown { stage: 0 }
+    }
+
+    /// Whether a failure undoes the calls that succeeded. Removals and updates cannot be
+    /// undone faithfully; they stop and report what is left.
+    pub fn rolls_back(&self) -> bool {
+        match self {
+            Self::GroupAdd { .. }
+            | Self::MemAdd { .. }
+            | Self::MemRemove { .. }
+            | Self::WindowCreate(_) => true,
+            Self::WindowReset { .. } => true,
+            Self::GroupRemove { .. }
+            | Self::WindowRemove { .. }
+            | Self::TceUpdate(_)
+            | Self::Eeh { .. }
+            | Self::Teardown { .. } => false,
+        }
+    }
+
+    /// The calls of the next stage; `None` when the procedure is complete.
+    pub fn next(
+        &mut self,
+        state: &State,
+        mode: OwnershipMode,
+    ) -> Result<Option<Vec<KernelOp>>, EngineError> {
+        match self {
+            Self::GroupAdd {
+                group,
+                container,
+                stage,
+                new_container,
+            } => {
+                let (group, container) = (*group, *container);
+                *stage += 1;
+                Ok(match *stage {
+                    // FILE_ADD first: drivers that need KVM in open_device expect it before the
+                    // device is used, and it is the front-end's call in both modes.
+                    1 => Some(vec![KernelOp::KvmFileAdd { group }]),
+                    2 => {
+                        let open = state.containers.get(&container).is_some_and(|c| c.open);
+                        *new_container = !open;
+                        let attach = KernelOp::GroupSetContainer { container, group };
+                        Some(if open {
+                            vec![attach]
+                        } else {
+                            vec![
+                                KernelOp::ContainerOpen { container },
+                                attach,
+                                KernelOp::SetIommu {
+                                    container,
+                                    iommu_type: SPAPR_TCE_V2_IOMMU,
+                                },
+                                KernelOp::TceGetInfo { container },
+                            ]
+                        })
+                    }
+                    3 if *new_container => {
+                        // Pre-register all guest RAM, then drop the default window: windows are
+                        // created from the guest's tables (WINDOW_CREATE), as QEMU does.
+                        let mut ops = register_ops(state, container, true);
+                        let c = &state.containers[&container];
+                        ops.extend(c.windows.iter().filter(|(_, w)| w.default).map(
+                            |(start, _)| KernelOp::TceRemove {
+                                container,
+                                start_addr: *start,
+                            },
+                        ));
+                        Some(ops)
+                    }
+                    3 => Some(match mode {
+                        // The kernel sets existing windows on the new group; KVM must learn of
+                        // them too.
+                        OwnershipMode::Accelerated => state
+                            .tables
+                            .keys()
+                            .filter(|t| {
+                                state.window_of(**t).is_some()
+                                    && state.tables[t].desc.container_id == container.0
+                            })
+                            .map(|t| KernelOp::KvmSetSpaprTce { group, table: *t })
+                            .collect(),
+                        OwnershipMode::Isolated => Vec::new(),
+                    }),
+                    _ => None,
+                })
+            }
+            Self::GroupRemove { group, stage } => {
+                let group = *group;
+                let g = &state.groups[&group];
+                let container = g.container;
+                *stage += 1;
+                Ok(match *stage {
+                    // FILE_DEL before the windows go: KVM releases the group's associations by
+                    // walking the group's current tables.
+                    1 => Some(if g.file_added {
+                        vec![KernelOp::KvmFileDel { group }]
+                    } else {
+                        Vec::new()
+                    }),
+                    2 => {
+                        let last = !state
+                            .groups
+                            .iter()
+                            .any(|(id, o)| *id != group && o.container == container);
+                        let mut ops = Vec::new();
+                        let c = state.containers.get(&container);
+                        if last {
+                            let starts: Vec<u64> = c
+                                .map(|c| c.windows.keys().copied().collect())
+                                .unwrap_or_default();
+                            for start in starts {
+                                ops.extend(remove_window_ops(state, mode, container, start));
+                            }
+                            ops.extend(register_ops(state, container, false));
+                        }
+                        if g.attached {
+                            ops.push(KernelOp::GroupUnsetContainer { container, group });
+                        }
+                        if last && c.is_some_and(|c| c.open) {
+                            ops.push(KernelOp::ContainerClose { container });
+                        }
+                        Some(ops)
+                    }
+                    _ => None,
+                })
+            }
+            Self::MemAdd { region, stage } => {
+                *stage += 1;
+                Ok((*stage == 1).then(|| {
+                    state
+                        .containers
+                        .iter()
+                        .filter(|(_, c)| c.info.is_some())
+                        .map(|(id, _)| KernelOp::RegisterMemory {
+                            container: *id,
+                            region: *region,
+                            offset: 0,
+                            size: state.regions[region].desc.size,
+                        })
+                        .collect()
+                }))
+            }
+            Self::MemRemove { region, stage } => {
+                *stage += 1;
+                Ok((*stage == 1).then(|| {
+                    state
+                        .containers
+                        .iter()
+                        .filter(|(_, c)| c.registered.contains(region))
+                        .map(|(id, _)| KernelOp::UnregisterMemory {
+                            container: *id,
+                            region: *region,
+                            offset: 0,
+                            size: state.regions[region].desc.size,
+                        })
+                        .collect()
+                }))
+            }
+            Self::WindowCreate(create) => create.next(state, mode),
+            Self::WindowRemove { table, stage } => {
+                *stage += 1;
+                Ok((*stage == 1).then(|| {
+                    let t = &state.tables[table];
+                    remove_window_ops(
+                        state,
+                        mode,
+                        ContainerId(t.desc.container_id),
+                        t.desc.bus_offset,
+                    )
+                }))
+            }
+            Self::WindowReset {
+                container,
+                stage,
+                default,
+                create,
+                host,
+            } => {
+                *stage += 1;
+                if *stage == 1 {
+                    let starts: Vec<u64> = state.containers[container]
+                        .windows
+                        .keys()
+                        .copied()
+                        .collect();
+                    return Ok(Some(
+                        starts
+                            .into_iter()
+                            .flat_map(|s| remove_window_ops(state, mode, *container, s))
+                            .collect(),
+                    ));
+                }
+                if *stage == 2 {
+                    let Some(table) = *default else {
+                        return Ok(None);
+                    };
+                    *create = Some(WindowCreate::check(state, host, table)?);
+                }
+                match create {
+                    Some(c) => c.next(state, mode),
+                    None => Ok(None),
+                }
+            }
+            Self::TceUpdate(update) => {
+                update.stage += 1;
+                match update.stage {
+                    1 => Ok(Some(match update.update.entries {
+                        TceEntries::Shared => vec![KernelOp::ReadTces {
+                            table: TableId(update.update.table_id),
+                            first_index: update.update.first_index,
+                            count: update.update.count,
+                        }],
+                        TceEntries::Inline(_) | TceEntries::Stuff(_) => Vec::new(),
+                    })),
+                    2 => update.plan(state, mode).map(Some),
+                    _ => {
+                        update.processed = update.update.count.into();
+                        Ok(None)
+                    }
+                }
+            }
+            Self::Eeh { request, stage, .. } => {
+                *stage += 1;
+                Ok((*stage == 1).then(|| {
+                    vec![KernelOp::EehPeOp {
+                        container: ContainerId(request.container_id),
+                        op: request.op,
+                        err_type: request.err_type,
+                        err_func: request.err_func,
+                        err_addr: request.err_addr,
+                        err_mask: request.err_mask,
+                    }]
+                }))
+            }
+            Self::Teardown { stage } => {
+                *stage += 1;
+                if *stage > 1 {
+                    return Ok(None);
+                }
+                let mut ops = Vec::new();
+                for (id, c) in &state.containers {
+                    let groups: Vec<GroupId> = state
+                        .groups
+                        .iter()
+                        .filter(|(_, g)| g.container == *id)
+                        .map(|(g, _)| *g)
+                        .collect();
+                    let starts: Vec<u64> = c.windows.keys().copied().collect();
+                    let removals: Vec<KernelOp> = starts
+                        .iter()
+                        .flat_map(|s| remove_window_ops(state, mode, *id, *s))
+                        .collect();
+                    // Unmap first, then FILE_DEL, then remove windows, unregister, detach, close.
+                    let (unmaps, removes): (Vec<_>, Vec<_>) = removals
+                        .into_iter()
+                        .partition(|op| matches!(op, KernelOp::UnmapDma { .. }));
+                    ops.extend(unmaps);
+                    ops.extend(
+                        groups
+                            .iter()
+                            .filter(|g| state.groups[g].file_added)
+                            .map(|g| KernelOp::KvmFileDel { group: *g }),
+                    );
+                    ops.extend(removes);
+                    ops.extend(register_ops(state, *id, false));
+                    ops.extend(groups.iter().filter(|g| state.groups[g].attached).map(|g| {
+                        KernelOp::GroupUnsetContainer {
+                            container: *id,
+                            group: *g,
+                        }
+                    }));
+                    if c.open {
+                        ops.push(KernelOp::ContainerClose { container: *id });
+                    }
+                }
+                Ok(Some(ops))
+            }
+        }
+    }
+
+    /// Records what a successful call returned that later stages need.
+    pub fn succeeded(&mut self, op: &KernelOp, output: &Output) {
+        match (self, op, output) {
+            (Self::WindowCreate(c), KernelOp::TceCreate { .. }, Output::StartAddr(start))
+            | (
+                Self::WindowReset {
+                    create: Some(c), ..
+                },
+                KernelOp::TceCreate { .. },
+                Output::StartAddr(start),
+            ) => {
+                c.start = Some(*start);
+            }
+            (Self::TceUpdate(u), KernelOp::ReadTces { .. }, Output::Tces(values)) => {
+                u.values = Some(values.clone())
+            }
+            (Self::TceUpdate(u), KernelOp::MapDma { .. } | KernelOp::UnmapDma { .. }, _) => {
+                u.op_starts.pop_front();
+            }
+            (Self::Eeh { result, .. }, KernelOp::EehPeOp { .. }, Output::Value(v)) => {
+                *result = Some(*v)
+            }
+            _ => {}
+        }
+    }
+
+    pub fn failed(
+        &mut self,
+        op: &KernelOp,
+        errno: Errno,
+        state: &State,
+        mode: Option<OwnershipMode>,
+    ) -> Failure {
+        match self {
+            Self::Teardown { .. } => Failure::Continue,
+            Self::WindowCreate(c)
+            | Self::WindowReset {
+                create: Some(c), ..
+            } => c.failed(op, errno),
+            Self::TceUpdate(u) => {
+                u.processed = u.op_starts.front().copied().unwrap_or_default();
+                Failure::Fail(err(
+                    errno,
+                    format!("{op:?} failed after {} entries: {errno}", u.processed),
+                ))
+            }
+            Self::GroupAdd { .. }
+            | Self::GroupRemove { .. }
+            | Self::MemAdd { .. }
+            | Self::MemRemove { .. }
+            | Self::WindowRemove { .. }
+            | Self::WindowReset { create: None, .. }
+            | Self::Eeh { .. } => Failure::Fail(describe(op, errno, state, mode)),
+        }
+    }
+
+    /// The body of the final successful reply.
+    pub fn body(&self, _state: &State) -> Vec<u8> {
+        match self {
+            Self::WindowCreate(c)
+            | Self::WindowReset {
+                create: Some(c), ..
+            } => c.body(),
+            Self::TceUpdate(u) => TceUpdateBody {
+                h_status: H_SUCCESS,
+                processed: u.processed as u32,
+            }
+            .encode(),
+            Self::Eeh { result, .. } => EehBody {
+                result: result.unwrap_or_default() as i32,
+            }
+            .encode(),
+            Self::GroupAdd { .. }
+            | Self::GroupRemove { .. }
+            | Self::MemAdd { .. }
+            | Self::MemRemove { .. }
+            | Self::WindowRemove { .. }
+            | Self::WindowReset { create: None, .. }
+            | Self::Teardown { .. } => Vec::new(),
+        }
+    }
+
+    /// The body of the final error reply.
+    pub fn failure_body(&self, _errno: Errno) -> Vec<u8> {
+        match self {
+            Self::TceUpdate(u) => TceUpdateBody {
+                h_status: u.h_failure,
+                processed: u.processed as u32,
+            }
+            .encode(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Settles the objects the request added or removed, once it is over.
+    pub fn finished(&self, state: &mut State, ok: bool) {
+        match *self {
+            // Fully rolled back: forget the group. Otherwise it stays, as the kernel holds it.
+            Self::GroupAdd {
+                group, container, ..
+            } if !ok
+                && state
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| !g.file_added && !g.attached) =>
+            {
+                state.groups.remove(&group);
+                if let Some(c) = state.containers.get_mut(&container) {
+                    c.groups.remove(&group);
+                }
+            }
+            Self::GroupRemove { group, .. } => {
+                let gone = state
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| !g.file_added && !g.attached);
+                if ok || gone {
+                    if let Some(g) = state.groups.remove(&group) {
+                        if let Some(c) = state.containers.get_mut(&g.container) {
+                            c.groups.remove(&group);
+                        }
+                    }
+                }
+            }
+            Self::MemAdd { region, .. }
+                if !ok
+                    && !state
+                        .containers
+                        .values()
+                        .any(|c| c.registered.contains(&region)) =>
+            {
+                state.regions.remove(&region);
+            }
+            Self::MemRemove { region, .. } if ok => {
+                state.regions.remove(&region);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The session's view of the kernel: what each successful kernel call changed, and the call that
+//! undoes it. This view is updated only from results (never from intentions), so after a
+//! failure or a disconnect it says exactly what the kernel holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::kernel::{ContainerId, GroupId, KernelOp, Output, RegionId, TableId};
+use crate::protocol::{MemRegion, TableDesc, TceInfo};
+
+use super::mapped::MappedBits;
+
+/// A guest RAM region the front-end registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub desc: MemRegion,
+    /// Page size of the memory backing the region (hugetlbfs pages, or the base page).
+    pub page_size: u64,
+}
+
+/// A hardware DMA window, keyed in its container by start address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HwWindow {
+    pub size: u64,
+    pub page_shift: u32,
+    pub levels: u32,
+    /// The kernel's default 32-bit window, created implicitly when the first group attaches.
+    pub default: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Container {
+    pub groups: BTreeSet<GroupId>,
+    pub open: bool,
+    pub iommu_set: bool,
+    pub info: Option<TceInfo>,
+    pub registered: BTreeSet<RegionId>,
+    pub windows: BTreeMap<u64, HwWindow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub container: ContainerId,
+    pub iommu_group: u32,
+    pub file_added: bool,
+    pub attached: bool,
+    /// Tables KVM associated with this group's hardware windows (accelerated mode).
+    pub associations: BTreeSet<TableId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    pub desc: TableDesc,
+    /// Entries mapped through this session (slow path). In accelerated mode the kernel maps
+    /// entries itself and this records only what the sidecar mapped.
+    pub mapped: MappedBits,
+}
+
+impl Table {
+    pub fn window_size(&self) -> u64 {
+        self.desc.entries << self.desc.page_shift
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub regions: BTreeMap<RegionId, Region>,
+    pub containers: BTreeMap<ContainerId, Container>,
+    pub groups: BTreeMap<GroupId, Group>,
+    pub tables: BTreeMap<TableId, Table>,
+}
+
+impl State {
+    /// The table whose window contains bus address `iova` in `container`.
+    pub fn table_at(&self, container: ContainerId, iova: u64) -> Option<TableId> {
+        self.tables
+            .iter()
+            .find(|(_, t)| {
+                t.desc.container_id == container.0
+                    && iova >= t.desc.bus_offset
+                    && iova - t.desc.bus_offset < t.window_size()
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// The hardware window serving `table`, if one exists at its bus offset and covers it.
+    pub fn window_of(&self, table: TableId) -> Option<(u64, HwWindow)> {
+        let t = self.tables.get(&table)?;
+        let c = self.containers.get(&ContainerId(t.desc.container_id))?;
+        let w = c.windows.get(&t.desc.bus_offset)?;
+        (!w.default && w.size >= t.window_size()).then_some((t.desc.bus_offset, *w))
+    }
+
+    /// Records the effect of a successful call.
+    pub fn apply(&mut self, op: &KernelOp, output: &Output) {
+        match *op {
+            KernelOp::ContainerOpen { container } => self.container(container).open = true,
+            KernelOp::ContainerClose { container } => {
+                let c = self.container(container);
+                // Closing the container fd releases everything the kernel held for it.
+                *c = Container {
+                    groups: std::mem::take(&mut c.groups),
+                    ..Container::default()
+                };
+                self.clear_mapped(container);
+            }
+            KernelOp::SetIommu { container, .. } => self.container(container).iommu_set = true,
+            KernelOp::GroupSetContainer { group, .. } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.attached = true;
+                }
+            }
+            KernelOp::GroupUnsetContainer { container, group } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.attached = false;
+                }
+                // The last group leaving clears every entry (tce_iommu_release_ownership); the
+                // tables stay allocated in the container until removed or the container closes.
+                if !self
+                    .groups
+                    .values()
+                    .any(|g| g.container == container && g.attached)
+                {
+                    self.clear_mapped(container);
+                }
+            }
+            KernelOp::TceGetInfo { container } => {
+                if let Output::TceInfo(info) = output {
+                    let c = self.container(container);
+                    c.info = Some(*info);
+                    // The v2 driver creates the default 32-bit window lazily for the first group
+                    // ("def_window_pending"); it exists until removed.
+                    if c.windows.is_empty() && info.dma32_window_size != 0 {
+                        c.windows.insert(
+                            info.dma32_window_start.into(),
+                            HwWindow {
+                                size: info.dma32_window_size.into(),
+                                page_shift: 12,
+                                levels: 1,
+                                default: true,
+                            },
+                        );
+                    }
+                }
+            }
+            KernelOp::RegisterMemory {
+                container, region, ..
+            } => {
+                self.container(container).registered.insert(region);
+            }
+            KernelOp::UnregisterMemory {
+                container, region, ..
+            } => {
+                self.container(container).registered.remove(&region);
+            }
+            KernelOp::TceCreate {
+                container,
+                page_shift,
+                window_size,
+                levels,
+            } => {
+                if let Output::StartAddr(start) = output {
+                    self.container(container).windows.insert(
+                        *start,
+                        HwWindow {
+                            size: window_size,
+                            page_shift,
+                            levels,
+                            default: false,
+                        },
+                    );
+                }
+            }
+            KernelOp::TceRemove {
+                container,
+                start_addr,
+            } => {
+                self.container(container).windows.remove(&start_addr);
+                // The kernel clears the window's entries before removing it.
+                let tables: Vec<TableId> = self
+                    .tables
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.desc.container_id == container.0 && t.desc.bus_offset == start_addr
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in tables {
+                    if let Some(t) = self.tables.get_mut(&id) {
+                        t.mapped.clear();
+                    }
+                    for g in self.groups.values_mut() {
+                        g.associations.remove(&id);
+                    }
+                }
+            }
+            KernelOp::MapDma {
+                container,
+                iova,
+                size,
+                ..
+            } => self.mark(container, iova, size, true),
+            KernelOp::UnmapDma {
+                container,
+                iova,
+                size,
+            } => self.mark(container, iova, size, false),
+            KernelOp::KvmFileAdd { group } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.file_added = true;
+                }
+            }
+            KernelOp::KvmFileDel { group } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.file_added = false;
+                    // FILE_DEL releases the group's TCE associations in KVM.
+                    g.associations.clear();
+                }
+            }
+            KernelOp::KvmSetSpaprTce { group, table } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.associations.insert(table);
+                }
+            }
+            KernelOp::CheckExtension { .. }
+            | KernelOp::GroupGetStatus { .. }
+            | KernelOp::EehPeOp { .. }
+            | KernelOp::KvmHasDeviceAttr { .. }
+            | KernelOp::ReadTces { .. } => {}
+        }
+    }
+
+    fn container(&mut self, id: ContainerId) -> &mut Container {
+        self.containers.entry(id).or_default()
+    }
+
+    fn clear_mapped(&mut self, container: ContainerId) {
+        for t in self
+            .tables
+            .values_mut()
+            .filter(|t| t.desc.container_id == container.0)
+        {
+            t.mapped.clear();
+        }
+    }
+
+    fn mark(&mut self, container: ContainerId, iova: u64, size: u64, mapped: bool) {
+        // A range may span several windows only by mistake; mark what each window covers.
+        let mut at = iova;
+        let end = iova.saturating_add(size);
+        while at < end {
+            let Some(id) = self.table_at(container, at) else {
+                return;
+            };
+            let Some(t) = self.tables.get_mut(&id) else {
+                return;
+            };
+            let shift = t.desc.page_shift;
+            let first = (at - t.desc.bus_offset) >> shift;
+            let window_end = t.desc.bus_offset + t.window_size();
+            let stop = end.min(window_end);
+            let count = (stop - at).div_ceil(1 << shift);
+            t.mapped.set_range(first, count, mapped);
+            at = stop;
+        }
+    }
+}
+
+/// The call that undoes a successful call, for rolling back a failed transaction. Calls with no
+/// inverse (a removal, a query, a KVM association) return `None`.
+pub fn inverse(op: &KernelOp, output: &Output) -> Option<KernelOp> {
+    match *op {
+        KernelOp::ContainerOpen { container } => Some(KernelOp::ContainerClose { container }),
+        KernelOp::GroupSetContainer { container, group } => {
+            Some(KernelOp::GroupUnsetContainer { container, group })
+        }
+        KernelOp::RegisterMemory {
+            container,
+            region,
+            offset,
+            size,
+        } => Some(KernelOp::UnregisterMemory {
+            container,
+            region,
+            offset,
+            size,
+        }),
+        KernelOp::UnregisterMemory {
+            container,
+            region,
+            offset,
+            size,
+        } => Some(KernelOp::RegisterMemory {
+            container,
+            region,
+            offset,
+            size,
+        }),
+        KernelOp::TceCreate { container, .. } => match output {
+            Output::StartAddr(start_addr) => Some(KernelOp::TceRemove {
+                container,
+                start_addr: *start_addr,
+            }),
+            _ => None,
+        },
+        KernelOp::MapDma {
+            container,
+            iova,
+            size,
+            ..
+        } => Some(KernelOp::UnmapDma {
+            container,
+            iova,
+            size,
+        }),
+        KernelOp::KvmFileAdd { group } => Some(KernelOp::KvmFileDel { group }),
+        KernelOp::ContainerClose { .. }
+        | KernelOp::CheckExtension { .. }
+        | KernelOp::SetIommu { .. }
+        | KernelOp::GroupGetStatus { .. }
+        | KernelOp::GroupUnsetContainer { .. }
+        | KernelOp::TceGetInfo { .. }
+        | KernelOp::TceRemove { .. }
+        | KernelOp::UnmapDma { .. }
+        | KernelOp::EehPeOp { .. }
+        | KernelOp::KvmFileDel { .. }
+        | KernelOp::KvmSetSpaprTce { .. }
+        | KernelOp::KvmHasDeviceAttr { .. }
+        | KernelOp::ReadTces { .. } => None,
+    }
+}
