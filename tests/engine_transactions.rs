@@ -1,0 +1,753 @@
+//! The engine's procedures, driven with scripted kernel results: which calls each request makes,
+//! in which order, on which side, and what a failure leaves behind.
+
+use rustix::io::Errno;
+use tce_sidecar::engine::{Action, FdFacts, Host, Phase, Session};
+use tce_sidecar::kernel::{
+    to_op_result, ContainerId, GroupId, KernelOp, Output, OwnershipMode, RegionId, Side, TableId,
+};
+use tce_sidecar::protocol::*;
+
+const K64: u64 = 1 << 16;
+const HOST: Host = Host {
+    features: FEATURES_KNOWN,
+    page_size: K64,
+};
+const C0: ContainerId = ContainerId(0);
+const G1: GroupId = GroupId(1);
+const G2: GroupId = GroupId(2);
+const R1: RegionId = RegionId(1);
+const T1: TableId = TableId(1);
+
+/// The powernv platform's GET_INFO.
+fn powernv_info() -> TceInfo {
+    TceInfo {
+        flags: 1,
+        dma32_window_start: 0,
+        dma32_window_size: 1 << 31,
+        pgsizes: 0x4021_1000,
+        max_dynamic_windows: 2,
+        levels: 5,
+    }
+}
+
+/// Runs the engine to its final reply, answering every call with `kernel`, and logs each call
+/// with the side that made it.
+struct Driver<F: FnMut(&KernelOp) -> Result<Output, Errno>> {
+    session: Session,
+    kernel: F,
+    log: Vec<(Side, KernelOp)>,
+}
+
+/// A powernv-like platform: two window slots, slot 0 at bus address 0 and slot 1 at 1 << 59;
+/// the default 32-bit window holds slot 0 from GET_INFO until removed.
+#[derive(Default)]
+struct Platform {
+    used: [bool; 2],
+}
+
+impl Platform {
+    fn call(&mut self, op: &KernelOp) -> Result<Output, Errno> {
+        Ok(match op {
+            KernelOp::ContainerOpen { .. } => Output::ApiVersion(0),
+            KernelOp::TceGetInfo { .. } => {
+                self.used[0] = true;
+                Output::TceInfo(powernv_info())
+            }
+            KernelOp::TceCreate { .. } => {
+                let slot = self.used.iter().position(|u| !u).ok_or(Errno::NOSPC)?;
+                self.used[slot] = true;
+                Output::StartAddr(if slot == 0 { 0 } else { 1 << 59 })
+            }
+            KernelOp::TceRemove { start_addr, .. } => {
+                self.used[usize::from(*start_addr != 0)] = false;
+                Output::Done
+            }
+            KernelOp::UnmapDma { size, .. } => Output::Unmapped(*size),
+            KernelOp::EehPeOp { .. } => Output::Value(0),
+            _ => Output::Done,
+        })
+    }
+}
+
+/// The platform, with some calls answered differently.
+fn platform_with(
+    mut special: impl FnMut(&KernelOp) -> Option<Result<Output, Errno>>,
+) -> impl FnMut(&KernelOp) -> Result<Output, Errno> {
+    let mut platform = Platform::default();
+    move |op| special(op).unwrap_or_else(|| platform.call(op))
+}
+
+fn platform() -> impl FnMut(&KernelOp) -> Result<Output, Errno> {
+    platform_with(|_| None)
+}
+
+impl<F: FnMut(&KernelOp) -> Result<Output, Errno>> Driver<F> {
+    fn new(mode: u64, kernel: F) -> Self {
+        let mut session = Session::new(HOST);
+        let Action::Reply(reply) = session.handle(Request::SetFeatures { features: mode }, None)
+        else {
+            panic!("negotiation makes no call")
+        };
+        assert_eq!(reply.status, 0);
+        Self {
+            session,
+            kernel,
+            log: Vec::new(),
+        }
+    }
+
+    fn request(&mut self, request: Request, fd: Option<FdFacts>) -> Reply {
+        let mut action = self.session.handle(request, fd);
+        loop {
+            match action {
+                Action::Execute(ops) => {
+                    let mut results = Vec::new();
+                    for op in ops {
+                        self.log.push((Side::Sidecar, op));
+                        let r = (self.kernel)(&op);
+                        let failed = r.is_err();
+                        results.push(r);
+                        if failed {
+                            break;
+                        }
+                    }
+                    action = self.session.sidecar_results(results);
+                }
+                Action::Reply(reply) if reply.ops.is_empty() => return reply,
+                Action::Reply(reply) => {
+                    let mut results = Vec::new();
+                    for owner_op in &reply.ops {
+                        let op = KernelOp::from(*owner_op);
+                        self.log.push((Side::FrontEnd, op));
+                        let r = (self.kernel)(&op);
+                        let failed = r.is_err();
+                        results.push(to_op_result(owner_op.kind(), &r).unwrap());
+                        if failed {
+                            break;
+                        }
+                    }
+                    let request = Request::OpsResult {
+                        transaction: reply.transaction,
+                        results,
+                    };
+                    action = self.session.handle(request, None);
+                }
+                Action::Closed => panic!("no teardown expected"),
+            }
+        }
+    }
+
+    fn ok(&mut self, request: Request, fd: Option<FdFacts>) -> Vec<u8> {
+        let reply = self.request(request, fd);
+        assert_eq!(reply.status, 0, "{}", reply.text);
+        reply.body
+    }
+
+    fn take_log(&mut self) -> Vec<(Side, KernelOp)> {
+        std::mem::take(&mut self.log)
+    }
+}
+
+fn memfd_facts(size: u64) -> Option<FdFacts> {
+    Some(FdFacts {
+        size,
+        page_size: K64,
+    })
+}
+
+fn mem_add(size: u64) -> Request {
+    Request::MemAdd(MemRegion {
+        region_id: 1,
+        guest_addr: 0,
+        size,
+        user_addr: 0x7000_0000_0000,
+        mmap_offset: 0,
+    })
+}
+
+fn group_add(group: u32, iommu_group: u32) -> Request {
+    Request::GroupAdd(GroupDesc {
+        group_id: group,
+        container_id: 0,
+        iommu_group,
+    })
+}
+
+fn table_add(table: u32, liobn: u32, page_shift: u32, bus_offset: u64, entries: u64) -> Request {
+    Request::TableAdd(TableDesc {
+        table_id: table,
+        container_id: 0,
+        liobn,
+        page_shift,
+        bus_offset,
+        entries,
+    })
+}
+
+/// RAM, one group and a window for table 1 at bus address 0 (64 KiB pages, 1 GiB).
+fn set_up<F: FnMut(&KernelOp) -> Result<Output, Errno>>(d: &mut Driver<F>) {
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    d.ok(
+        table_add(1, 0x8000_0001, 16, 0, 1 << 14),
+        memfd_facts(8 << 14),
+    );
+    d.ok(Request::WindowCreate { table_id: 1 }, None);
+    d.take_log();
+}
+
+#[test]
+fn group_add_accelerated_front_end_makes_every_call_in_qemu_order() {
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, platform());
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    let log = d.take_log();
+    assert!(
+        log.iter().all(|(side, _)| *side == Side::FrontEnd),
+        "{log:?}"
+    );
+    let ops: Vec<KernelOp> = log.into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        vec![
+            KernelOp::KvmFileAdd { group: G1 },
+            KernelOp::ContainerOpen { container: C0 },
+            KernelOp::GroupSetContainer {
+                container: C0,
+                group: G1
+            },
+            KernelOp::SetIommu {
+                container: C0,
+                iommu_type: 7
+            },
+            KernelOp::TceGetInfo { container: C0 },
+            KernelOp::RegisterMemory {
+                container: C0,
+                region: R1,
+                offset: 0,
+                size: 1 << 30
+            },
+            KernelOp::TceRemove {
+                container: C0,
+                start_addr: 0
+            },
+        ]
+    );
+}
+
+#[test]
+fn group_add_isolated_only_file_add_goes_to_front_end() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    let log = d.take_log();
+    assert_eq!(log[0], (Side::FrontEnd, KernelOp::KvmFileAdd { group: G1 }));
+    assert!(
+        log[1..].iter().all(|(side, _)| *side == Side::Sidecar),
+        "{log:?}"
+    );
+    assert_eq!(d.session.registered_bytes(), 1 << 30);
+}
+
+#[test]
+fn window_create_accelerated_associates_every_group_after_create() {
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, platform());
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    d.ok(group_add(2, 8), None);
+    d.ok(table_add(9, 0x8000_0000, 16, 0, 1 << 14), None);
+    d.ok(Request::WindowCreate { table_id: 9 }, None);
+    d.ok(table_add(1, 0x8000_0001, 16, 1 << 59, 1 << 14), None);
+    d.take_log();
+    let body = d.ok(Request::WindowCreate { table_id: 1 }, None);
+    assert_eq!(
+        WindowCreateBody::decode(&body),
+        Some(WindowCreateBody {
+            start_addr: 1 << 59,
+            hw_page_shift: 16,
+            levels: 1
+        })
+    );
+    let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        vec![
+            KernelOp::TceCreate {
+                container: C0,
+                page_shift: 16,
+                window_size: 1 << 30,
+                levels: 1
+            },
+            KernelOp::KvmSetSpaprTce {
+                group: G1,
+                table: T1
+            },
+            KernelOp::KvmSetSpaprTce {
+                group: G2,
+                table: T1
+            },
+        ]
+    );
+}
+
+#[test]
+fn window_create_isolated_never_associates() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
+    set_up(&mut d);
+    assert!(d.session.state().groups[&G1].associations.is_empty());
+    d.ok(Request::WindowRemove { table_id: 1 }, None);
+    assert_eq!(
+        d.take_log(),
+        vec![(
+            Side::Sidecar,
+            KernelOp::TceRemove {
+                container: C0,
+                start_addr: 0
+            }
+        )],
+        "nothing was mapped, so no unmap"
+    );
+    d.ok(Request::WindowCreate { table_id: 1 }, None);
+    let log = d.take_log();
+    assert_eq!(log.len(), 1, "only TCE_CREATE: {log:?}");
+    assert!(matches!(
+        log[0],
+        (Side::Sidecar, KernelOp::TceCreate { .. })
+    ));
+}
+
+#[test]
+fn window_create_failure_retries_deeper_levels_then_fails() {
+    let mut d = Driver::new(
+        FEATURE_MODE_ISOLATED,
+        platform_with(|op: &KernelOp| match op {
+            KernelOp::TceCreate { .. } => Some(Err(Errno::NOMEM)),
+            _ => None,
+        }),
+    );
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    d.ok(
+        table_add(1, 0x8000_0001, 16, 1 << 59, 1 << 14),
+        memfd_facts(8 << 14),
+    );
+    d.take_log();
+    let reply = d.request(Request::WindowCreate { table_id: 1 }, None);
+    assert_eq!(reply.status, -Errno::NOMEM.raw_os_error());
+    let levels: Vec<u32> = d
+        .take_log()
+        .into_iter()
+        .map(|(_, op)| match op {
+            KernelOp::TceCreate { levels, .. } => levels,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // (64 - 16) / 16 = 3 bounds QEMU's loop below the platform's 5.
+    assert_eq!(levels, vec![1, 2, 3]);
+    assert!(reply.text.contains("TCE_CREATE"), "{}", reply.text);
+    assert_eq!(d.session.phase(), Phase::Ready);
+}
+
+#[test]
+fn window_create_wrong_start_removes_the_window() {
+    let mut d = Driver::new(
+        FEATURE_MODE_ACCELERATED,
+        platform_with(|op: &KernelOp| match op {
+            KernelOp::TceCreate { .. } => Some(Ok(Output::StartAddr(1 << 40))),
+            _ => None,
+        }),
+    );
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    d.ok(table_add(1, 0x8000_0001, 16, 1 << 59, 1 << 14), None);
+    d.take_log();
+    let reply = d.request(Request::WindowCreate { table_id: 1 }, None);
+    assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
+    assert!(reply.text.contains("0x10000000000"), "{}", reply.text);
+    let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops[1],
+        KernelOp::TceRemove {
+            container: C0,
+            start_addr: 1 << 40
+        }
+    );
+    assert!(d.session.state().containers[&C0].windows.is_empty());
+}
+
+#[test]
+fn window_create_refused_association_rolls_back_the_window() {
+    let mut d = Driver::new(
+        FEATURE_MODE_ACCELERATED,
+        platform_with(|op: &KernelOp| match op {
+            KernelOp::KvmSetSpaprTce { .. } => Some(Err(Errno::INVAL)),
+            _ => None,
+        }),
+    );
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.ok(group_add(1, 7), None);
+    d.ok(table_add(1, 0x8000_0001, 16, 0, 1 << 14), None);
+    d.take_log();
+    let reply = d.request(Request::WindowCreate { table_id: 1 }, None);
+    assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
+    let log = d.take_log();
+    assert_eq!(
+        log.last(),
+        Some(&(
+            Side::FrontEnd,
+            KernelOp::TceRemove {
+                container: C0,
+                start_addr: 0
+            }
+        ))
+    );
+    assert!(d.session.state().window_of(T1).is_none());
+}
+
+#[test]
+fn group_add_failure_midway_rolls_back_in_reverse() {
+    let mut d = Driver::new(
+        FEATURE_MODE_ISOLATED,
+        platform_with(|op: &KernelOp| match op {
+            KernelOp::RegisterMemory { .. } => Some(Err(Errno::NOMEM)),
+            _ => None,
+        }),
+    );
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    d.take_log();
+    let reply = d.request(group_add(1, 7), None);
+    assert_eq!(reply.status, -Errno::NOMEM.raw_os_error());
+    assert!(
+        reply.text.contains("RLIMIT_MEMLOCK") && reply.text.contains("1073741824"),
+        "{}",
+        reply.text
+    );
+    let undo: Vec<KernelOp> = d.take_log().into_iter().skip(6).map(|(_, op)| op).collect();
+    assert_eq!(
+        undo,
+        vec![
+            KernelOp::GroupUnsetContainer {
+                container: C0,
+                group: G1
+            },
+            KernelOp::ContainerClose { container: C0 },
+            KernelOp::KvmFileDel { group: G1 },
+        ]
+    );
+    assert!(d.session.state().groups.is_empty());
+    assert!(d.session.state().containers.is_empty());
+}
+
+#[test]
+fn tce_update_inline_coalesces_contiguous_runs() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
+    set_up(&mut d);
+    // Entries 0-2 contiguous read/write, 3 jumps, 4 read-only, 5 clear (never mapped: no call).
+    let page = 1u64 << 16;
+    let entries = vec![
+        3,
+        page | 3,
+        (2 * page) | 3,
+        (10 * page) | 3,
+        (11 * page) | 1,
+        0,
+    ];
+    let update = TceUpdate {
+        table_id: 1,
+        first_index: 4,
+        count: 6,
+        entries: TceEntries::Inline(entries),
+    };
+    let body = d.ok(Request::TceUpdate(update), None);
+    assert_eq!(
+        TceUpdateBody::decode(&body),
+        Some(TceUpdateBody {
+            h_status: 0,
+            processed: 6
+        })
+    );
+    let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    let rw = DmaAccess {
+        read: true,
+        write: true,
+    };
+    let bus = 4 * page;
+    assert_eq!(
+        ops,
+        vec![
+            KernelOp::MapDma {
+                container: C0,
+                region: R1,
+                offset: 0,
+                iova: bus,
+                size: 3 * page,
+                access: rw
+            },
+            KernelOp::MapDma {
+                container: C0,
+                region: R1,
+                offset: 10 * page,
+                iova: bus + 3 * page,
+                size: page,
+                access: rw
+            },
+            KernelOp::MapDma {
+                container: C0,
+                region: R1,
+                offset: 11 * page,
+                iova: bus + 4 * page,
+                size: page,
+                access: DmaAccess {
+                    read: true,
+                    write: false
+                },
+            },
+        ]
+    );
+    assert_eq!(d.session.entries_mapped(), 5);
+    // Clearing them unmaps exactly the mapped run.
+    let clear = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 20,
+        entries: TceEntries::Stuff(0),
+    };
+    d.ok(Request::TceUpdate(clear), None);
+    let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        vec![KernelOp::UnmapDma {
+            container: C0,
+            iova: bus,
+            size: 5 * page
+        }]
+    );
+    assert_eq!(d.session.entries_mapped(), 0);
+}
+
+#[test]
+fn tce_update_bad_entries_are_refused_with_h_parameter_and_no_call() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
+    set_up(&mut d);
+    let cases = [
+        (0, vec![0x1000 | 3], "not aligned"),
+        (0, vec![(2u64 << 30) | 3], "outside registered RAM"),
+        ((1 << 14) - 1, vec![3, 3], "outside"),
+    ];
+    for (first, entries, why) in cases {
+        let count = entries.len() as u32;
+        let update = TceUpdate {
+            table_id: 1,
+            first_index: first,
+            count,
+            entries: TceEntries::Inline(entries),
+        };
+        let reply = d.request(Request::TceUpdate(update), None);
+        assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
+        assert!(reply.text.contains(why), "{}", reply.text);
+        assert_eq!(
+            TceUpdateBody::decode(&reply.body),
+            Some(TceUpdateBody {
+                h_status: -4,
+                processed: 0
+            })
+        );
+    }
+    let stuff = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 4,
+        entries: TceEntries::Stuff(3),
+    };
+    assert_eq!(
+        d.request(Request::TceUpdate(stuff), None).status,
+        -Errno::INVAL.raw_os_error()
+    );
+    assert!(d.take_log().is_empty());
+}
+
+#[test]
+fn tce_update_failed_map_reports_entries_processed() {
+    let mut calls = 0;
+    let kernel = platform_with(move |op: &KernelOp| match op {
+        KernelOp::MapDma { .. } => {
+            calls += 1;
+            Some(if calls == 2 {
+                Err(Errno::NOMEM)
+            } else {
+                Ok(Output::Done)
+            })
+        }
+        _ => None,
+    });
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, kernel);
+    set_up(&mut d);
+    let page = 1u64 << 16;
+    let update = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 3,
+        entries: TceEntries::Inline(vec![3, page | 3, (5 * page) | 3]),
+    };
+    let reply = d.request(Request::TceUpdate(update), None);
+    assert_eq!(reply.status, -Errno::NOMEM.raw_os_error());
+    assert_eq!(
+        TceUpdateBody::decode(&reply.body),
+        Some(TceUpdateBody {
+            h_status: -1,
+            processed: 2
+        })
+    );
+}
+
+#[test]
+fn ops_result_malformed_is_refused_and_transaction_stays_open() {
+    let mut session = Session::new(HOST);
+    session.handle(
+        Request::SetFeatures {
+            features: FEATURE_MODE_ACCELERATED,
+        },
+        None,
+    );
+    let Action::Reply(reply) = session.handle(group_add(1, 7), None) else {
+        panic!()
+    };
+    assert_eq!(reply.ops, vec![OwnerOp::KvmFileAdd { group: 1 }]);
+    let txn = reply.transaction;
+    let wrong = |s: &mut Session, transaction, kind, status| match s.handle(
+        Request::OpsResult {
+            transaction,
+            results: vec![OpResult {
+                kind,
+                status,
+                out: [0; 4],
+            }],
+        },
+        None,
+    ) {
+        Action::Reply(r) => r.status,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        wrong(&mut session, txn + 1, OpKind::KvmFileAdd, 0),
+        -Errno::INVAL.raw_os_error()
+    );
+    assert_eq!(
+        wrong(&mut session, txn, OpKind::KvmFileDel, 0),
+        -Errno::INVAL.raw_os_error()
+    );
+    // Another request while the transaction is open.
+    let Action::Reply(busy) = session.handle(Request::WindowQuery { container_id: 0 }, None) else {
+        panic!()
+    };
+    assert_eq!(busy.status, -Errno::BUSY.raw_os_error());
+    assert_eq!(session.phase(), Phase::Transaction);
+    // The right answer moves on.
+    let Action::Reply(next) = session.handle(
+        Request::OpsResult {
+            transaction: txn,
+            results: vec![OpResult {
+                kind: OpKind::KvmFileAdd,
+                status: 0,
+                out: [0; 4],
+            }],
+        },
+        None,
+    ) else {
+        panic!()
+    };
+    assert_eq!(next.transaction, txn);
+    assert_eq!(next.ops[0], OwnerOp::ContainerOpen { container: 0 });
+}
+
+#[test]
+fn requests_before_negotiation_are_refused_with_eproto() {
+    let mut session = Session::new(HOST);
+    let Action::Reply(r) = session.handle(group_add(1, 7), None) else {
+        panic!()
+    };
+    assert_eq!(r.status, -Errno::PROTO.raw_os_error());
+    let Action::Reply(r) = session.handle(Request::SetFeatures { features: 3 }, None) else {
+        panic!()
+    };
+    assert_eq!(r.status, -Errno::INVAL.raw_os_error(), "two modes");
+    let Action::Reply(r) = session.handle(Request::SetFeatures { features: 1 << 9 }, None) else {
+        panic!()
+    };
+    assert_eq!(r.status, -Errno::NOTSUP.raw_os_error());
+    let Action::Reply(r) = session.handle(
+        Request::SetFeatures {
+            features: FEATURE_MODE_ISOLATED,
+        },
+        None,
+    ) else {
+        panic!()
+    };
+    assert_eq!(r.status, 0);
+    assert_eq!(session.mode(), Some(OwnershipMode::Isolated));
+    let Action::Reply(r) = session.handle(
+        Request::SetFeatures {
+            features: FEATURE_MODE_ISOLATED,
+        },
+        None,
+    ) else {
+        panic!()
+    };
+    assert_eq!(r.status, -Errno::ALREADY.raw_os_error());
+}
+
+#[test]
+fn disconnect_isolated_tears_down_in_order() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
+    set_up(&mut d);
+    let update = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 1,
+        entries: TceEntries::Inline(vec![3]),
+    };
+    d.ok(Request::TceUpdate(update), None);
+    let Action::Execute(ops) = d.session.disconnect() else {
+        panic!("the sidecar owns state")
+    };
+    assert_eq!(
+        ops,
+        vec![
+            KernelOp::UnmapDma {
+                container: C0,
+                iova: 0,
+                size: 1 << 30
+            },
+            KernelOp::TceRemove {
+                container: C0,
+                start_addr: 0
+            },
+            KernelOp::UnregisterMemory {
+                container: C0,
+                region: R1,
+                offset: 0,
+                size: 1 << 30
+            },
+            KernelOp::GroupUnsetContainer {
+                container: C0,
+                group: G1
+            },
+            KernelOp::ContainerClose { container: C0 },
+        ]
+    );
+    let mut platform = Platform {
+        used: [true, false],
+    };
+    let results = ops.iter().map(|op| platform.call(op)).collect();
+    assert_eq!(d.session.sidecar_results(results), Action::Closed);
+    assert_eq!(d.session.registered_bytes(), 0);
+    assert_eq!(d.session.entries_mapped(), 0);
+}
+
+#[test]
+fn disconnect_accelerated_leaves_front_end_state_to_the_front_end() {
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, platform());
+    set_up(&mut d);
+    assert_eq!(d.session.disconnect(), Action::Closed);
+}
