@@ -257,3 +257,19 @@ fn kvm_vfio_device_call_from_creator_reaches_kvm_vfio() {
     assert_eq!(creator.results, expected);
     creator.finish();
 }
+
+#[test]
+fn kvm_check_extension_on_x86_reports_no_spapr_tce_vfio() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP: kvm_check_extension_on_x86_reports_no_spapr_tce_vfio (/dev/kvm missing)");
+        return;
+    }
+    let kvm = rustix::fs::open("/dev/kvm", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).unwrap();
+    // KVM_CAP_USER_MEMORY (3) exists on every KVM: proves the ioctl number reaches KVM.
+    assert!(linux::kvm_check_extension(kvm.as_fd(), 3).unwrap() > 0);
+    let spapr = linux::kvm_check_extension(kvm.as_fd(), 142).unwrap();
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(spapr, 0, "x86 KVM has no sPAPR TCE");
+        assert!(!linux::host_caps().spapr_tce_vfio);
+    }
+}

@@ -85,6 +85,9 @@ pub const VFIO_BASE: u8 = 100;
 /// `KVMIO`, the ioctl type byte of every KVM call.
 pub const KVMIO: u8 = 0xAE;
 
+/// `KVM_CAP_SPAPR_TCE_VFIO`: KVM can associate its TCE tables with VFIO groups (the in-kernel
+/// fast path for passed-through devices).
+pub const KVM_CAP_SPAPR_TCE_VFIO: u32 = 142;
 /// `KVM_DEV_TYPE_VFIO`: the kvm-vfio pseudo device.
 pub const KVM_DEV_TYPE_VFIO: u32 = 4;
 /// `KVM_DEV_VFIO_FILE` (alias `KVM_DEV_VFIO_GROUP`): the kvm-vfio attribute group.
@@ -188,6 +191,7 @@ pub enum Ioctl {
     VFIO_IOMMU_SPAPR_TCE_CREATE,
     VFIO_IOMMU_SPAPR_TCE_REMOVE,
     VFIO_EEH_PE_OP,
+    KVM_CHECK_EXTENSION,
     KVM_CREATE_VM,
     KVM_CREATE_DEVICE,
     KVM_SET_DEVICE_ATTR,
@@ -197,7 +201,7 @@ pub enum Ioctl {
 
 impl Ioctl {
     /// Every ioctl, in declaration order.
-    pub const ALL: [Ioctl; 19] = [
+    pub const ALL: [Ioctl; 20] = [
         Self::VFIO_GET_API_VERSION,
         Self::VFIO_CHECK_EXTENSION,
         Self::VFIO_SET_IOMMU,
@@ -212,6 +216,7 @@ impl Ioctl {
         Self::VFIO_IOMMU_SPAPR_TCE_CREATE,
         Self::VFIO_IOMMU_SPAPR_TCE_REMOVE,
         Self::VFIO_EEH_PE_OP,
+        Self::KVM_CHECK_EXTENSION,
         Self::KVM_CREATE_VM,
         Self::KVM_CREATE_DEVICE,
         Self::KVM_SET_DEVICE_ATTR,
@@ -237,6 +242,7 @@ impl Ioctl {
             Self::VFIO_IOMMU_SPAPR_TCE_CREATE => vfio(19),
             Self::VFIO_IOMMU_SPAPR_TCE_REMOVE => vfio(20),
             Self::VFIO_EEH_PE_OP => vfio(21),
+            Self::KVM_CHECK_EXTENSION => (Dir::None, KVMIO, 0x03, 0),
             Self::KVM_CREATE_VM => (Dir::None, KVMIO, 0x01, 0),
             Self::KVM_CREATE_DEVICE => (Dir::ReadWrite, KVMIO, 0xe0, size_of::<KvmCreateDevice>()),
             Self::KVM_SET_DEVICE_ATTR => (Dir::Write, KVMIO, 0xe1, size_of::<KvmDeviceAttr>()),
@@ -275,6 +281,7 @@ impl Ioctl {
             Self::VFIO_IOMMU_SPAPR_TCE_CREATE => "VFIO_IOMMU_SPAPR_TCE_CREATE",
             Self::VFIO_IOMMU_SPAPR_TCE_REMOVE => "VFIO_IOMMU_SPAPR_TCE_REMOVE",
             Self::VFIO_EEH_PE_OP => "VFIO_EEH_PE_OP",
+            Self::KVM_CHECK_EXTENSION => "KVM_CHECK_EXTENSION",
             Self::KVM_CREATE_VM => "KVM_CREATE_VM",
             Self::KVM_CREATE_DEVICE => "KVM_CREATE_DEVICE",
             Self::KVM_SET_DEVICE_ATTR => "KVM_SET_DEVICE_ATTR",
@@ -310,6 +317,7 @@ impl Ioctl {
             Self::VFIO_IOMMU_SPAPR_TCE_CREATE => libc::_IO(ty, base + 19),
             Self::VFIO_IOMMU_SPAPR_TCE_REMOVE => libc::_IO(ty, base + 20),
             Self::VFIO_EEH_PE_OP => libc::_IO(ty, base + 21),
+            Self::KVM_CHECK_EXTENSION => libc::_IO(kvm, 0x03),
             Self::KVM_CREATE_VM => libc::_IO(kvm, 0x01),
             Self::KVM_CREATE_DEVICE => libc::_IOWR::<KvmCreateDevice>(kvm, 0xe0),
             Self::KVM_SET_DEVICE_ATTR => libc::_IOW::<KvmDeviceAttr>(kvm, 0xe1),
@@ -386,6 +394,7 @@ pub const FACTS: &[Fact] = &[
         "VFIO_IOMMU_SPAPR_INFO_DDW",
         VFIO_IOMMU_SPAPR_INFO_DDW as u64,
     ),
+    constant("KVM_CAP_SPAPR_TCE_VFIO", KVM_CAP_SPAPR_TCE_VFIO as u64),
     constant("KVM_DEV_TYPE_VFIO", KVM_DEV_TYPE_VFIO as u64),
     constant("KVM_DEV_VFIO_GROUP", KVM_DEV_VFIO_FILE as u64),
     constant("KVM_DEV_VFIO_GROUP_ADD", KVM_DEV_VFIO_FILE_ADD),

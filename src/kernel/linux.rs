@@ -431,6 +431,103 @@ fn read_tces(table: TableFd<'_>, first_index: u64, count: u32) -> Result<Vec<u64
     Ok(tces)
 }
 
+/// Guest RAM mapped shared from the front-end's memfd, so that in isolated mode the sidecar has
+/// addresses of its own for REGISTER_MEMORY and MAP_DMA (K2: the container's owner registers
+/// memory of its own mm). Unmapped on drop.
+#[derive(Debug)]
+pub struct SharedMapping {
+    ptr: NonNull<c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; nothing in it is tied to the
+// thread that created it, and the crate never reads or writes through it (only its address is
+// handed to the kernel).
+unsafe impl Send for SharedMapping {}
+
+impl SharedMapping {
+    /// Maps `len` bytes of `fd` from `offset`, readable and writable, shared.
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<Self, Errno> {
+        let len = usize::try_from(len).map_err(|_| Errno::NOMEM)?;
+        // SAFETY: a new mapping at an address the kernel chooses aliases no Rust object.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
+        }?;
+        Ok(Self {
+            ptr: NonNull::new(ptr).ok_or(Errno::NOMEM)?,
+            len,
+        })
+    }
+
+    /// The mapping's address in this process.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; nothing references it.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+/// What this host's kernel offers the product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCaps {
+    /// `/dev/kvm` reports `KVM_CAP_SPAPR_TCE_VFIO`: accelerated mode is possible.
+    pub spapr_tce_vfio: bool,
+    /// `/dev/vfio/vfio` exists and reports `VFIO_EEH`.
+    pub eeh: bool,
+    /// `/dev/vfio/vfio` exists (VFIO containers can be opened).
+    pub vfio: bool,
+}
+
+/// Asks the kernel what it supports. `KVM_CHECK_EXTENSION` on `/dev/kvm` and
+/// `VFIO_CHECK_EXTENSION` on a fresh container are system queries any process may make.
+pub fn host_caps() -> HostCaps {
+    let open = |path| rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok();
+    let kvm = open("/dev/kvm");
+    let vfio = open(VFIO_CONTAINER_PATH);
+    let present =
+        |fd: &Option<OwnedFd>, check: fn(BorrowedFd<'_>, u32) -> Result<u32, Errno>, cap| {
+            fd.as_ref()
+                .is_some_and(|fd| check(fd.as_fd(), cap).is_ok_and(|v| v > 0))
+        };
+    HostCaps {
+        spapr_tce_vfio: present(&kvm, kvm_check_extension, abi::KVM_CAP_SPAPR_TCE_VFIO),
+        eeh: present(&vfio, vfio_check_extension, abi::VFIO_EEH),
+        vfio: vfio.is_some(),
+    }
+}
+
+/// `KVM_CHECK_EXTENSION` on `/dev/kvm` (or a VM fd): 0 when absent, else positive.
+pub fn kvm_check_extension(kvm: BorrowedFd<'_>, cap: u32) -> Result<u32, Errno> {
+    // SAFETY: KVM_CHECK_EXTENSION takes the capability number by value.
+    unsafe { ioctl_int(kvm, Ioctl::KVM_CHECK_EXTENSION, cap.into()) }
+}
+
+/// `VFIO_CHECK_EXTENSION` on a container fd.
+pub fn vfio_check_extension(container: BorrowedFd<'_>, extension: u32) -> Result<u32, Errno> {
+    // SAFETY: VFIO_CHECK_EXTENSION takes the extension number by value.
+    unsafe { ioctl_int(container, Ioctl::VFIO_CHECK_EXTENSION, extension.into()) }
+}
+
 /// A read-only shared mapping, unmapped on drop.
 struct Mapped {
     ptr: NonNull<c_void>,

@@ -48,6 +48,7 @@
     MACRO(VFIO_IOMMU_SPAPR_TCE_CREATE)                                                         \
     MACRO(VFIO_IOMMU_SPAPR_TCE_REMOVE)                                                         \
     MACRO(VFIO_EEH_PE_OP)                                                                      \
+    MACRO(KVM_CHECK_EXTENSION)                                                                 \
     MACRO(KVM_CREATE_VM)                                                                       \
     MACRO(KVM_CREATE_DEVICE)                                                                   \
     MACRO(KVM_SET_DEVICE_ATTR)                                                                 \
@@ -60,6 +61,7 @@
     MACRO(VFIO_DMA_MAP_FLAG_READ)                                                              \
     MACRO(VFIO_DMA_MAP_FLAG_WRITE)                                                             \
     MACRO(VFIO_IOMMU_SPAPR_INFO_DDW)                                                           \
+    MACRO(KVM_CAP_SPAPR_TCE_VFIO)                                                              \
     MACRO(KVM_DEV_TYPE_VFIO)                                                                   \
     MACRO(KVM_DEV_VFIO_GROUP)                                                                  \
     MACRO(KVM_DEV_VFIO_GROUP_ADD)                                                              \
