@@ -2,7 +2,7 @@
 //! in which order, on which side, and what a failure leaves behind.
 
 use rustix::io::Errno;
-use tce_sidecar::engine::{Action, FdFacts, Host, Phase, Session};
+use tce_sidecar::engine::{Action, FdFacts, Host, Limits, Phase, Session};
 use tce_sidecar::kernel::{
     to_op_result, ContainerId, GroupId, KernelOp, Output, OwnershipMode, RegionId, Side, TableId,
 };
@@ -12,6 +12,11 @@ const K64: u64 = 1 << 16;
 const HOST: Host = Host {
     features: FEATURES_KNOWN,
     page_size: K64,
+    limits: Limits {
+        regions: 512,
+        groups: 64,
+        tables: 128,
+    },
 };
 const C0: ContainerId = ContainerId(0);
 const G1: GroupId = GroupId(1);

@@ -62,6 +62,26 @@ pub struct Host {
     pub features: u64,
     /// The host's base page size.
     pub page_size: u64,
+    pub limits: Limits,
+}
+
+/// Per-session object limits; a request beyond one is refused with `ENOSPC`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Guest RAM regions (QEMU uses at most 512 memory slots).
+    pub regions: usize,
+    pub groups: usize,
+    pub tables: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            regions: 512,
+            groups: 64,
+            tables: 128,
+        }
+    }
 }
 
 /// Facts about the fd a MEM_ADD or TABLE_ADD carried, gathered by the daemon (`fstat`).
@@ -207,6 +227,10 @@ impl Session {
     /// Handles one request. `fd` describes the fd of MEM_ADD and TABLE_ADD.
     pub fn handle(&mut self, request: Request, fd: Option<FdFacts>) -> Action {
         self.stats.requests += 1;
+        if let Request::TceUpdate(update) = &request {
+            self.stats.updates_forwarded += 1;
+            self.stats.entries_forwarded += u64::from(update.count);
+        }
         let code = request.code();
         let result = self.dispatch(request, fd);
         match result {

@@ -119,6 +119,24 @@ pub fn start(
 ) -> Result<Step, EngineError> {
     let code = request.code();
     let run = |p| Ok(Step::Run(p, code));
+    let full = |what: &str, limit: usize| {
+        err(
+            Errno::NOSPC,
+            format!("the session already has {limit} {what}, the limit"),
+        )
+    };
+    match &request {
+        Request::MemAdd(_) if state.regions.len() >= host.limits.regions => {
+            return Err(full("regions", host.limits.regions))
+        }
+        Request::GroupAdd(_) if state.groups.len() >= host.limits.groups => {
+            return Err(full("groups", host.limits.groups))
+        }
+        Request::TableAdd(_) if state.tables.len() >= host.limits.tables => {
+            return Err(full("tables", host.limits.tables))
+        }
+        _ => {}
+    }
     match request {
         Request::GetFeatures
         | Request::SetFeatures { .. }

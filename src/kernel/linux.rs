@@ -487,6 +487,28 @@ impl Drop for SharedMapping {
     }
 }
 
+/// Takes ownership of an inherited fd (`--fd N`, systemd's fd 3) after checking that it is an
+/// open, listening unix stream socket; marks it close-on-exec.
+pub fn adopt_listening_socket(fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: F_GETFD reads the fd's flags and touches no memory; it fails with EBADF for a
+    // number that is not an open fd, which is what makes the adoption below sound.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Errno::BADF);
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this process to own; nothing
+    // else in the process refers to it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let is_unix = rustix::net::sockopt::socket_domain(&owned)? == rustix::net::AddressFamily::UNIX;
+    let is_stream = rustix::net::sockopt::socket_type(&owned)? == rustix::net::SocketType::STREAM;
+    if !is_unix || !is_stream || !rustix::net::sockopt::socket_acceptconn(&owned)? {
+        // Hand the fd back untouched: it was not ours to close.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(owned);
+        return Err(Errno::NOTSOCK);
+    }
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(owned)
+}
+
 /// What this host's kernel offers the product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCaps {

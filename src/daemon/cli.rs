@@ -1,0 +1,68 @@
+//! Command line, following the vhost-user backend program conventions (`--socket-path`, `--fd`,
+//! `--print-capabilities`; no self-daemonizing).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// tce-sidecar: an out-of-process sPAPR IOMMU backend for QEMU on POWER KVM hosts.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the status of every session of a running sidecar as JSON.
+    Status {
+        /// The sidecar's socket.
+        #[arg(long)]
+        socket_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen on a new unix socket at PATH (created with mode 0600; an existing socket file
+    /// is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Serve an inherited listening unix socket with this fd number.
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<i32>,
+
+    /// Print the capabilities as JSON on stdout and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// The kernel to run sessions on. `model` is a simulation for demos and tests, never a
+    /// fallback: it must be asked for.
+    #[arg(long, value_enum, default_value_t = KernelChoice::Linux)]
+    pub kernel: KernelChoice,
+
+    /// A peer uid allowed to connect (repeatable). Default: the daemon's own uid.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+
+    /// Sessions served at once; further connections are refused with an error reply.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: tracing::Level,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelChoice {
+    /// The real kernel (VFIO and KVM ioctls).
+    Linux,
+    /// The model kernel: a simulation of the kernel's rules, served to front-ends through a
+    /// second socket (`<socket-path>.model`).
+    Model,
+}

@@ -1,0 +1,215 @@
+//! One connection = one session = one thread.
+//!
+//! Why a thread per session rather than an event loop: the protocol is strictly one request,
+//! one reply; each request may make blocking kernel calls (MAP_DMA pins pages) that an event
+//! loop would have to push to workers anyway; and a slow, stuck or malicious client then blocks
+//! only its own thread. The session limit bounds the threads, and shutdown wakes every thread
+//! by shutting its socket down.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rustix::io::Errno;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Action, FdFacts, Session};
+use crate::kernel::{GroupId, Kernel, KernelOp, Output, OwnershipMode};
+use crate::protocol::{
+    decode_request, encode_reply, recv_frame, send_frame, Incoming, RecvError, Reply, Request,
+    RequestCode,
+};
+
+use super::objects::{facts, SessionObjects};
+use super::Daemon;
+
+/// What the daemon knows of a live session, shared with the status reply and shutdown.
+pub struct SessionEntry {
+    pub id: u64,
+    pub peer_pid: i32,
+    pub peer_uid: u32,
+    pub started: Instant,
+    pub engine: Mutex<Session>,
+    /// A second handle on the connection, to wake the thread at shutdown.
+    pub stream: UnixStream,
+}
+
+impl SessionEntry {
+    pub fn engine(&self) -> MutexGuard<'_, Session> {
+        // A panic while holding the lock would be a bug; the engine's state is still the best
+        // description of the kernel's, so keep using it.
+        self.engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn send_reply(stream: &UnixStream, code: u32, reply: &Reply) -> std::io::Result<()> {
+    let payload = match encode_reply(reply) {
+        Ok(payload) => payload,
+        Err(why) => {
+            warn!(code, why, "refusing to send an invalid reply");
+            let fallback = Reply::error(Errno::IO.raw_os_error(), format!("internal error: {why}"));
+            encode_reply(&fallback).unwrap_or_default()
+        }
+    };
+    send_frame(stream, code, true, &payload, &[])
+}
+
+fn execute(
+    kernel: &mut dyn Kernel,
+    objects: &SessionObjects,
+    ops: &[KernelOp],
+) -> Vec<Result<Output, Errno>> {
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        let result = kernel.execute(op, objects);
+        if let Err(errno) = result {
+            debug!(?op, %errno, "sidecar call failed");
+        }
+        let failed = result.is_err();
+        results.push(result);
+        if failed {
+            break;
+        }
+    }
+    results
+}
+
+/// Runs the engine until it needs the front-end (a reply) or is done.
+fn drive(
+    entry: &SessionEntry,
+    kernel: &mut dyn Kernel,
+    objects: &SessionObjects,
+    mut action: Action,
+) -> Option<Reply> {
+    loop {
+        match action {
+            Action::Execute(ops) => {
+                let results = execute(kernel, objects, &ops);
+                action = entry.engine().sidecar_results(results);
+            }
+            Action::Reply(reply) => return Some(reply),
+            Action::Closed => return None,
+        }
+    }
+}
+
+/// Keeps the fd a request carried, and returns the facts the engine checks.
+fn keep_fd(
+    objects: &mut SessionObjects,
+    request: &Request,
+    fd: OwnedFd,
+    mode: Option<OwnershipMode>,
+    host_page: u64,
+) -> Result<FdFacts, Errno> {
+    let facts = facts(fd.as_fd(), host_page)?;
+    match request {
+        Request::MemAdd(desc) => {
+            // Map only once the engine would accept the region's shape: isolated sessions use
+            // the sidecar's own addresses (K2).
+            let fits = desc.size > 0
+                && desc
+                    .mmap_offset
+                    .checked_add(desc.size)
+                    .is_some_and(|e| e <= facts.size);
+            let map = mode == Some(OwnershipMode::Isolated) && fits;
+            objects.add_region(desc, fd, map)?;
+        }
+        Request::GroupAdd(desc) => objects.add_group(GroupId(desc.group_id), fd),
+        Request::TableAdd(desc) => objects.add_table(desc, fd),
+        _ => {}
+    }
+    Ok(facts)
+}
+
+/// Serves one session until the peer disconnects or the daemon shuts the socket down, then
+/// tears down what the sidecar owns.
+pub fn serve(
+    daemon: Arc<Daemon>,
+    entry: Arc<SessionEntry>,
+    stream: UnixStream,
+    mut kernel: Box<dyn Kernel + Send>,
+) {
+    let mut objects = SessionObjects::default();
+    let id = entry.id;
+    loop {
+        let frame = match recv_frame(&stream, false) {
+            Ok(frame) => frame,
+            Err(RecvError::Closed) => {
+                debug!(session = id, "peer closed the connection");
+                break;
+            }
+            Err(err) => {
+                warn!(session = id, %err, "closing the connection");
+                break;
+            }
+        };
+        let code = frame.header.request;
+        let Incoming { request, fd } =
+            match decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem) {
+                Ok(incoming) => incoming,
+                Err(err) => {
+                    debug!(session = id, %err, "refused a malformed request");
+                    if send_reply(&stream, code, &Reply::error(err.errno(), err.to_string()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
+        if let Request::GetStatus { first_session } = request {
+            if send_reply(&stream, code, &Reply::ok(daemon.status_json(first_session))).is_err() {
+                break;
+            }
+            continue;
+        }
+        let facts = match fd {
+            Some(fd) => {
+                let mode = entry.engine().mode();
+                match keep_fd(&mut objects, &request, fd, mode, daemon.host.page_size) {
+                    Ok(facts) => Some(facts),
+                    Err(errno) => {
+                        let text = format!("{}: the fd cannot be used: {errno}", request.code());
+                        if send_reply(&stream, code, &Reply::error(errno.raw_os_error(), text))
+                            .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        let is_ops_result = request.code() == RequestCode::OpsResult;
+        let action = entry.engine().handle(request, facts);
+        let Some(reply) = drive(&entry, kernel.as_mut(), &objects, action) else {
+            break;
+        };
+        if reply.status < 0 {
+            debug!(session = id, status = reply.status, text = %reply.text, "request failed");
+        }
+        if reply.ops.is_empty() || is_ops_result {
+            objects.sync(entry.engine().state());
+        }
+        if send_reply(&stream, code, &reply).is_err() {
+            break;
+        }
+    }
+    // Teardown: whatever the sidecar owns goes, in order; the front-end's fds closing releases
+    // what it owns.
+    let action = entry.engine().disconnect();
+    drive(&entry, kernel.as_mut(), &objects, action);
+    let left = entry.engine().registered_bytes();
+    info!(
+        session = id,
+        fds = objects.fd_count(),
+        registered_left = left,
+        "session ended"
+    );
+    drop(objects);
+    daemon.remove_session(id);
+}
