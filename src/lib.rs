@@ -5,6 +5,7 @@
 //! The wire contract is written down in `protocol/PROTOCOL.md` and implemented in [`protocol`];
 //! the kernel calls and the process the kernel lets make each are in [`kernel`].
 
+pub mod client;
 pub mod daemon;
 pub mod engine;
 pub mod kernel;
