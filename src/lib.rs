@@ -2,6 +2,8 @@
 //!
 //! QEMU (the front-end) connects over a unix socket and hands the sidecar (the back-end) its
 //! VFIO groups, KVM TCE tables and guest RAM; the sidecar runs the sPAPR DMA state machine.
-//! The wire contract is written down in `protocol/PROTOCOL.md` and implemented in [`protocol`].
+//! The wire contract is written down in `protocol/PROTOCOL.md` and implemented in [`protocol`];
+//! [`kernel`] holds the kernel calls and the backends that execute them.
 
+pub mod kernel;
 pub mod protocol;

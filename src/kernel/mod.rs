@@ -1,0 +1,2 @@
+//! Kernel calls the sidecar makes, and the backends that execute them.
+pub mod model;
