@@ -32,7 +32,7 @@
 //!   container owner's later `UNMAP_DMA` finds the entry empty and gives nothing back; its
 //!   `UNREGISTER_MEMORY` then returns 0 (kernels since the `mm_iommu_get` rework; older ones
 //!   returned `EBUSY`) but the region stays in the owner's mm, pinned and charged, until the
-//!   process exits.
+//!   process exits. `tests` demonstrates it.
 //! - **K8** — only the virtual-mode hypercall handlers exist; `H_TOO_HARD` exits to userspace.
 //!
 //! What the model does not simulate, and how it behaves instead:
@@ -54,6 +54,9 @@ mod kernel;
 mod kvm;
 pub mod store;
 mod vfio;
+
+#[cfg(test)]
+mod tests;
 
 pub use abi::*;
 pub use kernel::{FileArg, FileId, FileKind, HcallStats, HwTce, Mm, MmStats, ModelKernel};
