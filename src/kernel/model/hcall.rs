@@ -81,6 +81,30 @@ impl ModelKernel {
         Ok(outcome)
     }
 
+    /// A hypercall by number and argument registers r4..r7. Numbers the model does not handle
+    /// exit to userspace, as hypercalls KVM does not implement do.
+    pub fn vcpu_hcall_raw(
+        &mut self,
+        caller: Mm,
+        vcpu: FileId,
+        number: u64,
+        args: [u64; 4],
+    ) -> Result<HcallOutcome, Errno> {
+        if let Some(hcall) = Hcall::from_regs(number, args) {
+            return self.vcpu_hcall(caller, vcpu, hcall);
+        }
+        let vm = match self.obj(vcpu) {
+            Some(Obj::Vcpu(vm)) => vm,
+            Some(_) => return Err(Errno::NOTTY),
+            None => return Err(Errno::BADF),
+        };
+        self.vm_caller(caller, vm)?;
+        if let Some(v) = self.vms.get_mut(&vm) {
+            v.stats.exits += 1;
+        }
+        Ok(HcallOutcome::Exit)
+    }
+
     fn find_table(&self, vm: VmId, liobn: u64) -> Option<SttId> {
         self.vms
             .get(&vm)?

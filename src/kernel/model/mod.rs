@@ -46,12 +46,16 @@
 //!   userspace dropped its last fd of a file; references the kernel holds are counted.
 //! - Where the kernel would write past a table's end (`MAP_DMA`/`UNMAP_DMA` whose range runs
 //!   out of the window; the kernel checks only the first page), the model returns `EINVAL`.
+//!
+//! [`server`] makes the model usable from several real processes through stand-in fds; it is
+//! the only part allowed `unsafe`, to map memfds.
 #![deny(unsafe_code)]
 
 pub mod abi;
 mod hcall;
 mod kernel;
 mod kvm;
+pub mod server;
 pub mod store;
 mod vfio;
 
