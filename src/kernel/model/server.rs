@@ -638,10 +638,19 @@ impl Shared {
         }
     }
 
+    /// Gives `caller` the locked-memory limit its process really has, so that accounting
+    /// refuses what the kernel would refuse it.
+    fn adopt_memlock_limit(&self, caller: Mm) {
+        if let Some(limit) = proc_memlock_limit(caller.0) {
+            self.lock().kernel.set_memlock_limit(caller, limit);
+        }
+    }
+
     /// Serves one connection until the peer closes it or breaks a frame.
     fn serve_connection(&self, stream: UnixStream) -> io::Result<()> {
         let cred = rustix::net::sockopt::socket_peercred(&stream)?;
         let caller = Mm(cred.pid.as_raw_nonzero().get() as u32);
+        self.adopt_memlock_limit(caller);
         loop {
             let frame = match recv_frame(&stream, false) {
                 Ok(frame) => frame,
@@ -659,6 +668,30 @@ impl Shared {
             let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
             send_frame(&stream, code, true, &payload, &fds)?;
         }
+    }
+}
+
+/// `RLIMIT_MEMLOCK` of process `pid` in bytes, `None` inside when it may lock without limit
+/// (an infinite limit, or `CAP_IPC_LOCK`, bit 14 of its effective capabilities). The outer
+/// `None` means `/proc` could not tell.
+fn proc_memlock_limit(pid: u32) -> Option<Option<u64>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    if cap_eff & (1 << 14) != 0 {
+        return Some(None);
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))?
+        .split_whitespace()
+        .next()?;
+    match soft {
+        "unlimited" => Some(None),
+        bytes => bytes.parse().ok().map(Some),
     }
 }
 
@@ -721,6 +754,7 @@ impl ModelServer {
 
     /// A client for this process's own calls, made as this process's mm without a socket.
     pub fn handle(&self) -> ModelClient {
+        self.shared.adopt_memlock_limit(Mm(std::process::id()));
         ModelClient {
             transport: Transport::Local {
                 shared: Arc::clone(&self.shared),
@@ -1474,6 +1508,32 @@ mod tests {
             Some(Some(Errno::NOTTY))
         );
         assert!(client.open_vfio_group(1).is_ok());
+    }
+
+    #[test]
+    fn memlock_limit_read_from_proc() {
+        let limit = proc_memlock_limit(std::process::id()).expect("/proc is readable");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let cap_ipc_lock = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap() & (1 << 14) != 0)
+            .unwrap();
+        if cap_ipc_lock {
+            assert_eq!(limit, None);
+        } else {
+            // The shell reports the same soft limit in KiB.
+            let out = std::process::Command::new("sh")
+                .args(["-c", "ulimit -l"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8(out.stdout).unwrap();
+            let want = match text.trim() {
+                "unlimited" => None,
+                kib => Some(kib.parse::<u64>().unwrap() * 1024),
+            };
+            assert_eq!(limit, want);
+        }
     }
 
     #[test]

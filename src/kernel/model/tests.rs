@@ -2475,3 +2475,24 @@ fn memslot_rules() {
         ),
     ]);
 }
+
+/// FILE_DEL releases only links to the group's *current* tables: removing the window first
+/// leaves KVM's link (and its reference to the hardware table) in place until the KVM table
+/// itself is closed. QEMU deletes the file before removing windows for this reason.
+#[test]
+fn file_del_after_window_removal_keeps_the_link() {
+    let mut f = Fx::associated(QEMU);
+    f.k.vfio_tce_remove(QEMU, f.container, TceRemove::new(0))
+        .unwrap();
+    f.k.kvm_vfio_file_del(QEMU, f.dev(), FileArg::File(f.group))
+        .unwrap();
+    assert_eq!(f.k.spapr_tce_attached(f.table()), 1);
+    // KVM still programs the orphaned table, which no IOMMU uses any more.
+    assert_eq!(f.put_tce(0, 0x1000 | RW), OK);
+    assert_eq!(f.k.iommu_entry(1, 0), None);
+    f.k.close(f.table()).unwrap();
+    assert!(
+        f.k.hw_tables.is_empty(),
+        "the last reference freed the table"
+    );
+}
