@@ -286,7 +286,13 @@ impl ModelKernel {
     ) -> HResult {
         let (subpages, shift) = self.subpages(stt, t);
         for i in 0..subpages {
-            self.iommu_do_map(kvm_mm, t, entry * subpages + i, ua + (i << shift), dir)?;
+            self.iommu_do_map(
+                kvm_mm,
+                t,
+                entry * subpages + i,
+                ua.wrapping_add(i << shift),
+                dir,
+            )?;
         }
         Ok(())
     }
@@ -345,7 +351,10 @@ impl ModelKernel {
             let list_ua = k.tce_to_ua(vm, tce_list).ok_or(H_TOO_HARD)?;
             let get = |k: &Self, i: u64| -> Result<u64, i64> {
                 let mut b = [0u8; 8];
-                if !k.read_user(kvm_mm, list_ua + 8 * i, &mut b) {
+                if !list_ua
+                    .checked_add(8 * i)
+                    .is_some_and(|ua| k.read_user(kvm_mm, ua, &mut b))
+                {
                     return Err(H_TOO_HARD);
                 }
                 Ok(u64::from_be_bytes(b))

@@ -336,6 +336,7 @@ impl ModelKernel {
             || ua % page != 0
             || len % page != 0
             || page_shift < self.platform.host_page_shift
+            || offset.checked_add(len).is_none()
         {
             return Err(Errno::INVAL);
         }
@@ -413,7 +414,10 @@ impl ModelKernel {
         let Some(end) = ua.checked_add(buf.len() as u64) else {
             return false;
         };
-        end <= start + m.len && m.memory.read(m.offset + (ua - start), buf)
+        end <= start + m.len
+            && m.offset
+                .checked_add(ua - start)
+                .is_some_and(|at| m.memory.read(at, buf))
     }
 
     /// `account_locked_vm(mm, pages, true)`.

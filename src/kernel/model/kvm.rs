@@ -215,9 +215,22 @@ impl ModelKernel {
         }
         let page = self.platform.page_size();
         let tce_pages = args.size.saturating_mul(8).div_ceil(page);
-        let stt_pages = tce_pages + (STT_HEADER_BYTES + tce_pages * 8).div_ceil(page);
+        let stt_bytes = STT_HEADER_BYTES.saturating_add(tce_pages.saturating_mul(8));
+        let stt_pages = tce_pages.saturating_add(stt_bytes.div_ceil(page));
         let creator = self.vms.get(&vm).ok_or(Errno::BADF)?.creator;
         self.account_locked(creator, stt_pages)?;
+        // kzalloc of the table with its page-pointer array fails beyond KMALLOC_MAX_SIZE
+        // (1 << (MAX_PAGE_ORDER + PAGE_SHIFT); taken as 4 MiB with 4K pages and 16 MiB with 64K
+        // pages, the orders powerpc configures: an assumption, not read from a running host).
+        let kmalloc_max = if self.platform.host_page_shift == 12 {
+            4 << 20
+        } else {
+            16 << 20
+        };
+        if stt_bytes > kmalloc_max {
+            self.unaccount_locked(creator, stt_pages);
+            return Err(Errno::NOMEM);
+        }
         let duplicate = self.vms.get(&vm).is_some_and(|v| {
             v.stts
                 .iter()

@@ -303,6 +303,12 @@ fn kvm_create_spapr_tce_64_rules() {
             Err(Errno::IO),
         ),
         (
+            "spapr_tce_page_array_beyond_kmalloc_max_enomem",
+            Fx::bare,
+            |f| t(f, 12, 0, 1 << 30),
+            Err(Errno::NOMEM),
+        ),
+        (
             "spapr_tce_over_memlock_enomem",
             Fx::bare,
             |f| {

@@ -836,7 +836,7 @@ impl ModelKernel {
         let mut done = 0;
         let mut ret = Ok(0);
         for i in 0..pages {
-            let ua = arg.vaddr + (i << shift);
+            let ua = arg.vaddr.wrapping_add(i << shift);
             let step = if v2 {
                 self.tce_build_v2_page(c, mm, t, first + i, ua, shift, dir)
             } else {
