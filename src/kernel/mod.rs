@@ -13,6 +13,7 @@
 
 pub mod abi;
 pub mod linux;
+pub mod model;
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
