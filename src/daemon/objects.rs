@@ -8,7 +8,7 @@ use rustix::io::Errno;
 
 use crate::engine::{FdFacts, State};
 use crate::kernel::linux::SharedMapping;
-use crate::kernel::{GroupId, Mapping, Objects, RegionId, TableFd, TableId};
+use crate::kernel::{GroupId, Kernel, Mapping, Objects, RegionId, TableFd, TableId};
 use crate::protocol::{MemRegion, TableDesc};
 
 struct RegionObject {
@@ -37,8 +37,15 @@ pub fn facts(fd: BorrowedFd<'_>, host_page: u64) -> Result<FdFacts, Errno> {
 }
 
 impl SessionObjects {
-    /// Keeps a region's memfd, mapping it when the sidecar will use its own addresses.
-    pub fn add_region(&mut self, desc: &MemRegion, fd: OwnedFd, map: bool) -> Result<(), Errno> {
+    /// Keeps a region's memfd, mapping it when the sidecar will use its own addresses, and tells
+    /// the kernel backend about the mapping.
+    pub fn add_region(
+        &mut self,
+        desc: &MemRegion,
+        fd: OwnedFd,
+        map: bool,
+        kernel: &mut dyn Kernel,
+    ) -> Result<(), Errno> {
         let id = RegionId(desc.region_id);
         if self.regions.contains_key(&id) {
             // The engine refuses the duplicate; keep the registered fd.
@@ -49,6 +56,9 @@ impl SessionObjects {
         } else {
             None
         };
+        if let Some(m) = &mapping {
+            kernel.memory_mapped(fd.as_fd(), desc.mmap_offset, m.addr(), m.len())?;
+        }
         self.regions.insert(id, RegionObject { _fd: fd, mapping });
         Ok(())
     }

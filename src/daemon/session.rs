@@ -99,6 +99,7 @@ fn drive(
 /// Keeps the fd a request carried, and returns the facts the engine checks.
 fn keep_fd(
     objects: &mut SessionObjects,
+    kernel: &mut dyn Kernel,
     request: &Request,
     fd: OwnedFd,
     mode: Option<OwnershipMode>,
@@ -115,7 +116,7 @@ fn keep_fd(
                     .checked_add(desc.size)
                     .is_some_and(|e| e <= facts.size);
             let map = mode == Some(OwnershipMode::Isolated) && fits;
-            objects.add_region(desc, fd, map)?;
+            objects.add_region(desc, fd, map, kernel)?;
         }
         Request::GroupAdd(desc) => objects.add_group(GroupId(desc.group_id), fd),
         Request::TableAdd(desc) => objects.add_table(desc, fd),
@@ -169,7 +170,14 @@ pub fn serve(
         let facts = match fd {
             Some(fd) => {
                 let mode = entry.engine().mode();
-                match keep_fd(&mut objects, &request, fd, mode, daemon.host.page_size) {
+                match keep_fd(
+                    &mut objects,
+                    kernel.as_mut(),
+                    &request,
+                    fd,
+                    mode,
+                    daemon.host.page_size,
+                ) {
                     Ok(facts) => Some(facts),
                     Err(errno) => {
                         let text = format!("{}: the fd cannot be used: {errno}", request.code());
@@ -203,11 +211,17 @@ pub fn serve(
     // what it owns.
     let action = entry.engine().disconnect();
     drive(&entry, kernel.as_mut(), &objects, action);
-    let left = entry.engine().registered_bytes();
+    let engine = entry.engine();
+    let sidecar_left = if engine.mode() == Some(OwnershipMode::Isolated) {
+        engine.registered_bytes()
+    } else {
+        0
+    };
+    drop(engine);
     info!(
         session = id,
         fds = objects.fd_count(),
-        registered_left = left,
+        sidecar_registered_left = sidecar_left,
         "session ended"
     );
     drop(objects);

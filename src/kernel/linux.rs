@@ -364,7 +364,7 @@ fn argsz<T>() -> u32 {
     size_of::<T>() as u32
 }
 
-fn dma_flags(access: DmaAccess) -> u32 {
+pub(crate) fn dma_flags(access: DmaAccess) -> u32 {
     let read = if access.read {
         abi::VFIO_DMA_MAP_FLAG_READ
     } else {
@@ -381,7 +381,7 @@ fn dma_flags(access: DmaAccess) -> u32 {
 /// The caller's address of `size` bytes at `offset` in `region`; `EFAULT` unless the whole
 /// range lies inside the region's mapping, so a bad offset can never name other memory of this
 /// process.
-fn address_in(
+pub(crate) fn address_in(
     objects: &dyn Objects,
     region: RegionId,
     offset: u64,
@@ -399,7 +399,11 @@ fn address_in(
 /// `tbl[idx] = tce` through a `u64 *`, and QEMU reads its mapping without swapping); only the
 /// guest's H_PUT_TCE_INDIRECT list in guest memory is big-endian. `EINVAL` when the range passes
 /// the table's end.
-fn read_tces(table: TableFd<'_>, first_index: u64, count: u32) -> Result<Vec<u64>, Errno> {
+pub(crate) fn read_tces(
+    table: TableFd<'_>,
+    first_index: u64,
+    count: u32,
+) -> Result<Vec<u64>, Errno> {
     const ENTRY: u64 = size_of::<u64>() as u64;
     let end = first_index.checked_add(count.into()).ok_or(Errno::INVAL)?;
     if end > table.entries {

@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod linux;
 pub mod model;
+pub mod model_backend;
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -761,6 +762,19 @@ pub trait Objects {
 /// trait. Failures are the errno the kernel returned, unchanged.
 pub trait Kernel {
     fn execute(&mut self, op: &KernelOp, objects: &dyn Objects) -> Result<Output, Errno>;
+
+    /// The caller mapped `size` bytes of `fd` from `offset` at `addr` in its own address space
+    /// (guest RAM it will register). The real kernel sees the mapping by itself; a simulation
+    /// must be told.
+    fn memory_mapped(
+        &mut self,
+        _fd: BorrowedFd<'_>,
+        _offset: u64,
+        _addr: u64,
+        _size: u64,
+    ) -> Result<(), Errno> {
+        Ok(())
+    }
 }
 
 impl fmt::Display for ContainerId {
