@@ -117,18 +117,11 @@ impl Fx {
         if owner == QEMU {
             return QEMU_UA;
         }
-        if self.k.mm_stats(owner) == MmStats::default() {
-            let _ = self.k.mm_map(
-                owner,
-                SIDECAR_UA,
-                RAM,
-                true,
-                12,
-                Arc::new(self.ram.clone()),
-                0,
-            );
+        let ram = Arc::new(self.ram.clone());
+        match self.k.mm_map(owner, SIDECAR_UA, RAM, true, 12, ram, 0) {
+            Ok(()) | Err(Errno::EXIST) => SIDECAR_UA,
+            Err(e) => panic!("mapping the sidecar's view of RAM: {e:?}"),
         }
-        SIDECAR_UA
     }
 
     fn dev(&self) -> FileId {
