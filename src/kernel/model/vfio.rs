@@ -87,11 +87,12 @@ impl ModelKernel {
             // Neither a container nor an iommufd.
             _ => return Err(Errno::BADFD),
         };
-        // vfio_container_attach_group: with an IOMMU driver set, it must accept the group.
+        // vfio_container_attach_group: claim DMA ownership, then, with an IOMMU driver set, the
+        // driver must accept the group (and programs the container's windows into it).
+        self.claim_dma_owner(no);
         if self.containers.get(&c).is_some_and(|x| x.driver.is_some()) {
             self.tce_attach_group(c, no)?;
         }
-        self.claim_dma_owner(no);
         let x = self.containers.get_mut(&c).ok_or(Errno::BADF)?;
         x.groups.insert(0, no);
         x.refs += 1;
