@@ -117,18 +117,11 @@ impl Fx {
         if owner == QEMU {
             return QEMU_UA;
         }
-        if self.k.mm_stats(owner) == MmStats::default() {
-            let _ = self.k.mm_map(
-                owner,
-                SIDECAR_UA,
-                RAM,
-                true,
-                12,
-                Arc::new(self.ram.clone()),
-                0,
-            );
+        let ram = Arc::new(self.ram.clone());
+        match self.k.mm_map(owner, SIDECAR_UA, RAM, true, 12, ram, 0) {
+            Ok(()) | Err(Errno::EXIST) => SIDECAR_UA,
+            Err(e) => panic!("mapping the sidecar's view of RAM: {e:?}"),
         }
-        SIDECAR_UA
     }
 
     fn dev(&self) -> FileId {
@@ -2501,4 +2494,22 @@ fn file_del_after_window_removal_keeps_the_link() {
         f.k.hw_tables.is_empty(),
         "the last reference freed the table"
     );
+}
+
+/// A group joining a container gets the container's existing windows, with their entries: the
+/// hardware table is shared by every group of the container.
+#[test]
+fn group_joining_container_shares_its_windows() {
+    let mut f = Fx::windowed(QEMU);
+    f.map(QEMU, QEMU_UA + 0x4000, 0x1000, 0x1000).unwrap();
+    let g2 = f.k.open_vfio_group(2).unwrap();
+    f.k.vfio_group_set_container(g2, FileArg::File(f.container))
+        .unwrap();
+    assert_eq!(f.k.iommu_entry(2, 0x1000), f.k.iommu_entry(1, 0x1000));
+    assert!(f.k.iommu_entry(2, 0x1000).is_some());
+    // Leaving clears the windows' TCEs (2024 kernels) and takes them off the group.
+    f.k.vfio_group_unset_container(g2).unwrap();
+    assert_eq!(f.k.iommu_entry(2, 0x1000), None);
+    assert_eq!(f.k.iommu_entry(1, 0x1000), None);
+    assert_eq!(f.mapped(QEMU), Some(0));
 }

@@ -87,11 +87,12 @@ impl ModelKernel {
             // Neither a container nor an iommufd.
             _ => return Err(Errno::BADFD),
         };
-        // vfio_container_attach_group: with an IOMMU driver set, it must accept the group.
+        // vfio_container_attach_group: claim DMA ownership, then, with an IOMMU driver set, the
+        // driver must accept the group (and programs the container's windows into it).
+        self.claim_dma_owner(no);
         if self.containers.get(&c).is_some_and(|x| x.driver.is_some()) {
             self.tce_attach_group(c, no)?;
         }
-        self.claim_dma_owner(no);
         let x = self.containers.get_mut(&c).ok_or(Errno::BADF)?;
         x.groups.insert(0, no);
         x.refs += 1;
@@ -842,11 +843,14 @@ impl ModelKernel {
             } else {
                 self.tce_build_v1_page(c, caller, t, first + i, ua, shift, dir)
             };
-            if let Err(e) = step {
-                ret = Err(e);
-                break;
+            match step {
+                Ok(true) => done += 1,
+                Ok(false) => break,
+                Err(e) => {
+                    ret = Err(e);
+                    break;
+                }
             }
-            done += 1;
         }
         if ret.is_err() {
             self.tce_clear(c, t, first, done);
@@ -864,7 +868,7 @@ impl ModelKernel {
         ua: u64,
         shift: u32,
         dir: DmaDir,
-    ) -> Result<(), Errno> {
+    ) -> Result<bool, Errno> {
         // tce_iommu_prereg_ua_to_hpa: in the container's mm.
         let id = self
             .mm_iommu_lookup(mm, ua, 1 << shift)
@@ -873,8 +877,9 @@ impl ModelKernel {
             return Err(Errno::INVAL);
         }
         if !self.mm_iommu_mapped_inc(mm, id) {
-            // "The registered region is being unregistered": the kernel stops with success.
-            return Ok(());
+            // "The registered region is being unregistered": the kernel stops the loop with
+            // success. Unreachable here, where a region found is never being released.
+            return Ok(false);
         }
         let old = self.hw_xchg(t, entry, Some(HwTce { mm, ua, dir }));
         if old.is_some_and(|o| o.dir != DmaDir::None) {
@@ -882,7 +887,7 @@ impl ModelKernel {
             self.tce_unuse_page_v2(d, t, entry);
         }
         self.hw_set_userspace(t, entry, ua);
-        Ok(())
+        Ok(true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -895,7 +900,7 @@ impl ModelKernel {
         ua: u64,
         shift: u32,
         dir: DmaDir,
-    ) -> Result<(), Errno> {
+    ) -> Result<bool, Errno> {
         // pin_user_pages_fast of the caller's page; writable unless the device only reads.
         let page_shift = match self.user_range(caller, ua, 1) {
             Some((writable, ps)) if writable || !dir.device_writes() => ps,
@@ -918,7 +923,7 @@ impl ModelKernel {
             let state = self.mm_mut(o.mm);
             state.v1_pinned = state.v1_pinned.saturating_sub(1);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// `VFIO_IOMMU_UNMAP_DMA`. Returns the ioctl's value (1 for a bad `iova`, as for map).
