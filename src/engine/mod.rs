@@ -351,6 +351,7 @@ impl Session {
         };
         self.mode = Some(mode);
         self.features = requested;
+        self.state.track_mapped = mode == OwnershipMode::Isolated;
         Ok(Action::Reply(Reply::ok(
             FeaturesBody {
                 features: requested,
@@ -472,7 +473,7 @@ impl Session {
                                 txn.queue.push_front(*later);
                             }
                         }
-                        Failure::Fail(err) => start_rollback(txn, err),
+                        Failure::Fail(err) => start_rollback(txn, err, &self.state),
                     }
                     break;
                 }
@@ -498,7 +499,7 @@ impl Session {
                         let body = txn.procedure.body(&self.state);
                         return self.finish(Ok(body));
                     }
-                    Err(err) => start_rollback(txn, err),
+                    Err(err) => start_rollback(txn, err, &self.state),
                 }
                 continue;
             }
@@ -598,15 +599,21 @@ impl Session {
     }
 }
 
-fn start_rollback(txn: &mut Transaction, err: EngineError) {
+fn start_rollback(txn: &mut Transaction, err: EngineError, state: &State) {
     txn.queue.clear();
     if txn.procedure.rolls_back() {
-        let undo: Vec<KernelOp> = txn
-            .done
-            .iter()
-            .rev()
-            .filter_map(|(op, out)| state::inverse(op, out))
-            .collect();
+        // Newest first. Several associations of one table need severing only once: the first
+        // sever ends them all.
+        let mut undo: Vec<KernelOp> = Vec::new();
+        let mut severed = std::collections::BTreeSet::new();
+        for (op, out) in txn.done.iter().rev() {
+            if let KernelOp::KvmSetSpaprTce { table, .. } = op {
+                if !severed.insert(*table) {
+                    continue;
+                }
+            }
+            undo.extend(state::inverse(op, out, state));
+        }
         txn.queue.extend(undo);
     }
     txn.done.clear();

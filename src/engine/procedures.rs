@@ -8,7 +8,7 @@ use rustix::io::Errno;
 use crate::kernel::{ContainerId, GroupId, KernelOp, Output, OwnershipMode, RegionId, TableId};
 use crate::protocol::{
     DmaAccess, EehBody, EehRequest, MemRegion, Request, RequestCode, TableDesc, TceEntries,
-    TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH,
+    TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH, MAX_INLINE_TCES,
 };
 
 use super::state::{Group, Region, State, Table};
@@ -60,6 +60,12 @@ pub enum Procedure {
     MemRemove {
         region: RegionId,
         stage: u8,
+        /// The region's guest physical range.
+        range: std::ops::Range<u64>,
+        /// The guest-visible entries still to scan, `(table, next index)`.
+        scan: VecDeque<(TableId, u64)>,
+        /// An entry found pointing into the region.
+        busy: Option<(TableId, u64)>,
     },
     WindowCreate(WindowCreate),
     WindowRemove {
@@ -102,6 +108,12 @@ pub struct TceUpdateProc {
     op_starts: VecDeque<u64>,
     processed: u64,
     h_failure: i64,
+    /// Why the update is refused. A refused update still unmaps the entries it names: the
+    /// front-end already wrote them in the guest-visible table, and hardware must never keep
+    /// an older mapping than that table shows.
+    refusal: Option<EngineError>,
+    /// The fail-safe unmap failed: hardware may hold entries the table does not show.
+    unsafe_left: bool,
 }
 
 fn err(errno: Errno, text: impl Into<String>) -> EngineError {
@@ -161,7 +173,41 @@ pub fn start(
                     Errno::INVAL,
                     format!("the fields do not match those {region} was added with"),
                 )),
-                Some(_) => run(Procedure::MemRemove { region, stage: 0 }),
+                Some(_) if state.tables.values().any(|t| t.suspect) => Err(err(
+                    Errno::BUSY,
+                    "an earlier UNMAP_DMA failed, so hardware may still map memory the guest's table \
+                     no longer shows; remove that window before removing memory",
+                )),
+                Some(_)
+                    if mode == OwnershipMode::Isolated
+                        && state.tables.values().any(|t| t.mapped.count() > 0) =>
+                {
+                    // In isolated mode the sidecar's own mm pins what it maps, and only the
+                    // session knows which entries it mapped, not where each points: any mapped
+                    // entry may use the region, and unregistering it would leave it pinned.
+                    let mapped: u64 = state.tables.values().map(|t| t.mapped.count()).sum();
+                    Err(err(
+                        Errno::BUSY,
+                        format!("{mapped} entries are mapped for DMA; the guest must unmap them before {region} goes"),
+                    ))
+                }
+                Some(_) => {
+                    // Every table with a window is scanned for guest entries into the region.
+                    let scan = state
+                        .tables
+                        .keys()
+                        .filter(|t| state.window_of(**t).is_some())
+                        .map(|t| (*t, 0))
+                        .collect();
+                    let range = desc.guest_addr..desc.guest_addr + desc.size;
+                    run(Procedure::MemRemove {
+                        region,
+                        stage: 0,
+                        range,
+                        scan,
+                        busy: None,
+                    })
+                }
             }
         }
         Request::GroupAdd(desc) => {
@@ -220,6 +266,7 @@ pub fn start(
                 Table {
                     desc,
                     mapped: Default::default(),
+                    suspect: false,
                 },
             );
             Ok(Step::Done(Vec::new()))
@@ -319,22 +366,29 @@ pub fn start(
                 return Err(err(Errno::INVAL, format!("{table} has no window")));
             }
             let end = update.first_index.checked_add(update.count.into());
-            if end.is_none_or(|end| end > t.desc.entries) {
-                return Err(err(
+            let refusal = end.is_none_or(|end| end > t.desc.entries).then(|| {
+                err(
                     Errno::INVAL,
                     format!(
                         "entries {}..+{} lie outside {table} ({} entries)",
                         update.first_index, update.count, t.desc.entries
                     ),
-                ));
-            }
+                )
+            });
+            let h_failure = if refusal.is_some() {
+                H_PARAMETER
+            } else {
+                H_HARDWARE
+            };
             run(Procedure::TceUpdate(TceUpdateProc {
                 update,
                 values: None,
                 stage: 0,
                 op_starts: VecDeque::new(),
                 processed: 0,
-                h_failure: H_HARDWARE,
+                h_failure,
+                refusal,
+                unsafe_left: false,
             }))
         }
         Request::EehOp(request) => {
@@ -637,6 +691,29 @@ impl WindowCreate {
     }
 }
 
+/// Calls that end KVM's association of `table` with every group: there is no call for one
+/// association, so each associated group is deleted from the kvm-vfio device (releasing the
+/// associations with its current tables), added back, and associated again with its other
+/// tables. Needed before the table's hardware window goes: KVM keeps programming a removed
+/// hardware table, and the pages it maps there are never unpinned.
+pub fn sever_ops(state: &State, table: TableId) -> Vec<KernelOp> {
+    let mut ops = Vec::new();
+    for (id, g) in &state.groups {
+        if !g.file_added || !g.associations.contains(&table) {
+            continue;
+        }
+        ops.push(KernelOp::KvmFileDel { group: *id });
+        ops.push(KernelOp::KvmFileAdd { group: *id });
+        ops.extend(g.associations.iter().filter(|t| **t != table).map(|t| {
+            KernelOp::KvmSetSpaprTce {
+                group: *id,
+                table: *t,
+            }
+        }));
+    }
+    ops
+}
+
 /// Calls that take down one hardware window: unmap what may be mapped, then remove it.
 fn remove_window_ops(
     state: &State,
@@ -659,7 +736,9 @@ fn remove_window_ops(
         (OwnershipMode::Accelerated, Some(_)) => true,
         (OwnershipMode::Isolated, Some(t)) => state.tables[&t].mapped.count() > 0,
     };
-    let mut ops = Vec::new();
+    // KVM must stop mapping into the window before it goes: an association left on a removed
+    // hardware table keeps taking guest maps that nothing ever unpins.
+    let mut ops = table.map(|t| sever_ops(state, t)).unwrap_or_default();
     if unmap {
         ops.push(KernelOp::UnmapDma {
             container,
@@ -836,6 +915,31 @@ impl TceUpdateProc {
             }
         }
         Ok(ops)
+    }
+
+    /// Unmaps every entry a refused update names inside the table, so no hardware entry keeps
+    /// a mapping the guest-visible table no longer shows.
+    fn fail_safe(&mut self, state: &State, mode: OwnershipMode, from: u64) -> Vec<KernelOp> {
+        let table = TableId(self.update.table_id);
+        let t = &state.tables[&table];
+        let container = ContainerId(t.desc.container_id);
+        let first = self
+            .update
+            .first_index
+            .saturating_add(from)
+            .min(t.desc.entries);
+        let end = first
+            .saturating_add(self.update.count.into())
+            .min(t.desc.entries);
+        self.op_starts.clear();
+        self.unmap_runs(t, mode, first, end - first)
+            .into_iter()
+            .map(|(start, len)| KernelOp::UnmapDma {
+                container,
+                iova: t.desc.bus_offset + (start << t.desc.page_shift),
+                size: len << t.desc.page_shift,
+            })
+            .collect()
     }
 
     /// Runs of entries in `first..first + count` to unmap: all of them in accelerated mode (the
@@ -1024,7 +1128,37 @@ impl Procedure {
                         .collect()
                 }))
             }
-            Self::MemRemove { region, stage } => {
+            Self::MemRemove {
+                region,
+                stage,
+                scan,
+                busy,
+                ..
+            } => {
+                // Unregistering memory that DMA entries still use would leave it pinned: since
+                // Linux 6.4 the call returns 0 and the region stays pinned until the process
+                // exits. So first read the guest-visible tables (K6) for entries into it.
+                if let Some((table, index)) = busy {
+                    return Err(err(
+                        Errno::BUSY,
+                        format!("{table} entry {index} still maps {region}; the guest must unmap it first"),
+                    ));
+                }
+                if let Some((table, first)) = scan.front_mut() {
+                    let entries = state.tables.get(table).map_or(0, |t| t.desc.entries);
+                    let count =
+                        (entries - (*first).min(entries)).min(u64::from(MAX_INLINE_TCES)) as u32;
+                    let op = KernelOp::ReadTces {
+                        table: *table,
+                        first_index: *first,
+                        count,
+                    };
+                    *first += u64::from(count);
+                    if *first >= entries {
+                        scan.pop_front();
+                    }
+                    return Ok(Some(if count == 0 { Vec::new() } else { vec![op] }));
+                }
                 *stage += 1;
                 Ok((*stage == 1).then(|| {
                     state
@@ -1088,19 +1222,30 @@ impl Procedure {
             Self::TceUpdate(update) => {
                 update.stage += 1;
                 match update.stage {
-                    1 => Ok(Some(match update.update.entries {
-                        TceEntries::Shared => vec![KernelOp::ReadTces {
+                    1 => Ok(Some(match (&update.update.entries, &update.refusal) {
+                        (TceEntries::Shared, None) => vec![KernelOp::ReadTces {
                             table: TableId(update.update.table_id),
                             first_index: update.update.first_index,
                             count: update.update.count,
                         }],
-                        TceEntries::Inline(_) | TceEntries::Stuff(_) => Vec::new(),
+                        _ => Vec::new(),
                     })),
-                    2 => update.plan(state, mode).map(Some),
-                    _ => {
-                        update.processed = update.update.count.into();
-                        Ok(None)
+                    2 => {
+                        if update.refusal.is_none() {
+                            match update.plan(state, mode) {
+                                Ok(ops) => return Ok(Some(ops)),
+                                Err(e) => update.refusal = Some(e),
+                            }
+                        }
+                        Ok(Some(update.fail_safe(state, mode, 0)))
                     }
+                    _ => match update.refusal.take() {
+                        Some(refusal) => Err(refusal),
+                        None => {
+                            update.processed = update.update.count.into();
+                            Ok(None)
+                        }
+                    },
                 }
             }
             Self::Eeh { request, stage, .. } => {
@@ -1184,6 +1329,26 @@ impl Procedure {
             (Self::Eeh { result, .. }, KernelOp::EehPeOp { .. }, Output::Value(v)) => {
                 *result = Some(*v)
             }
+            (
+                Self::MemRemove {
+                    range,
+                    busy: busy @ None,
+                    ..
+                },
+                KernelOp::ReadTces {
+                    table, first_index, ..
+                },
+                Output::Tces(values),
+            ) => {
+                let into = |v: &u64| {
+                    v & (TCE_READ | TCE_WRITE) != 0
+                        && range.contains(&(v & !(TCE_READ | TCE_WRITE)))
+                };
+                *busy = values
+                    .iter()
+                    .position(into)
+                    .map(|i| (*table, first_index + i as u64));
+            }
             _ => {}
         }
     }
@@ -1202,10 +1367,28 @@ impl Procedure {
                 create: Some(c), ..
             } => c.failed(op, errno),
             Self::TceUpdate(u) => {
+                let text = format!("{op:?} failed: {errno}");
+                if matches!(op, KernelOp::ReadTces { .. }) {
+                    return Failure::Fail(err(errno, text));
+                }
+                if let Some(refusal) = &u.refusal {
+                    // The fail-safe unmap itself failed: say so, and remember it.
+                    u.unsafe_left = true;
+                    let text = format!(
+                        "{}; unmapping the entries it names then failed too: {text}",
+                        refusal.text
+                    );
+                    return Failure::Fail(err(refusal.errno, text));
+                }
+                // The guest-visible table already holds the new entries: unmap every entry not
+                // applied yet, so hardware never keeps a mapping the table does not show.
                 u.processed = u.op_starts.front().copied().unwrap_or_default();
-                Failure::Fail(err(
-                    errno,
-                    format!("{op:?} failed after {} entries: {errno}", u.processed),
+                u.h_failure = H_HARDWARE;
+                u.refusal = Some(err(errno, format!("{text} after {} entries", u.processed)));
+                Failure::Retry(u.fail_safe(
+                    state,
+                    mode.unwrap_or(OwnershipMode::Isolated),
+                    u.processed,
                 ))
             }
             Self::GroupAdd { .. }
@@ -1297,6 +1480,11 @@ impl Procedure {
             }
             Self::MemRemove { region, .. } if ok => {
                 state.regions.remove(&region);
+            }
+            Self::TceUpdate(ref u) if u.unsafe_left => {
+                if let Some(t) = state.tables.get_mut(&TableId(u.update.table_id)) {
+                    t.suspect = true;
+                }
             }
             _ => {}
         }

@@ -50,9 +50,11 @@ pub struct Group {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     pub desc: TableDesc,
-    /// Entries mapped through this session (slow path). In accelerated mode the kernel maps
-    /// entries itself and this records only what the sidecar mapped.
+    /// Entries mapped through this session (isolated mode only).
     pub mapped: MappedBits,
+    /// A failed UNMAP_DMA may have left hardware entries that the guest-visible table no
+    /// longer shows; cleared when the window goes or its entries are cleared.
+    pub suspect: bool,
 }
 
 impl Table {
@@ -63,6 +65,9 @@ impl Table {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
+    /// Whether mapped entries are tracked: only where every map and unmap passes through the
+    /// session (isolated mode). In accelerated mode KVM maps and unmaps in the kernel, unseen.
+    pub track_mapped: bool,
     pub regions: BTreeMap<RegionId, Region>,
     pub containers: BTreeMap<ContainerId, Container>,
     pub groups: BTreeMap<GroupId, Group>,
@@ -113,15 +118,10 @@ impl State {
                 if let Some(g) = self.groups.get_mut(&group) {
                     g.attached = false;
                 }
-                // The last group leaving clears every entry (tce_iommu_release_ownership); the
-                // tables stay allocated in the container until removed or the container closes.
-                if !self
-                    .groups
-                    .values()
-                    .any(|g| g.container == container && g.attached)
-                {
-                    self.clear_mapped(container);
-                }
+                // Detaching any group clears every entry of the container's tables, which all
+                // groups share (tce_iommu_release_ownership); the tables stay allocated until
+                // removed or the container closes.
+                self.clear_mapped(container);
             }
             KernelOp::TceGetInfo { container } => {
                 if let Output::TceInfo(info) = output {
@@ -187,6 +187,7 @@ impl State {
                 for id in tables {
                     if let Some(t) = self.tables.get_mut(&id) {
                         t.mapped.clear();
+                        t.suspect = false;
                     }
                     for g in self.groups.values_mut() {
                         g.associations.remove(&id);
@@ -240,10 +241,14 @@ impl State {
             .filter(|t| t.desc.container_id == container.0)
         {
             t.mapped.clear();
+            t.suspect = false;
         }
     }
 
     fn mark(&mut self, container: ContainerId, iova: u64, size: u64, mapped: bool) {
+        if !self.track_mapped {
+            return;
+        }
         // A range may span several windows only by mistake; mark what each window covers.
         let mut at = iova;
         let end = iova.saturating_add(size);
@@ -265,54 +270,59 @@ impl State {
     }
 }
 
-/// The call that undoes a successful call, for rolling back a failed transaction. Calls with no
-/// inverse (a removal, a query, a KVM association) return `None`.
-pub fn inverse(op: &KernelOp, output: &Output) -> Option<KernelOp> {
-    match *op {
-        KernelOp::ContainerOpen { container } => Some(KernelOp::ContainerClose { container }),
+/// The calls that undo a successful call, for rolling back a failed transaction, computed on the
+/// kernel view at rollback time. Calls with no inverse (a removal, a query) return nothing. A
+/// KVM association has no inverse call of its own: it is ended the only way KVM offers
+/// ([`super::procedures::sever_ops`]).
+pub fn inverse(op: &KernelOp, output: &Output, state: &State) -> Vec<KernelOp> {
+    let single = match *op {
+        KernelOp::ContainerOpen { container } => KernelOp::ContainerClose { container },
         KernelOp::GroupSetContainer { container, group } => {
-            Some(KernelOp::GroupUnsetContainer { container, group })
+            KernelOp::GroupUnsetContainer { container, group }
         }
         KernelOp::RegisterMemory {
             container,
             region,
             offset,
             size,
-        } => Some(KernelOp::UnregisterMemory {
+        } => KernelOp::UnregisterMemory {
             container,
             region,
             offset,
             size,
-        }),
+        },
         KernelOp::UnregisterMemory {
             container,
             region,
             offset,
             size,
-        } => Some(KernelOp::RegisterMemory {
+        } => KernelOp::RegisterMemory {
             container,
             region,
             offset,
             size,
-        }),
+        },
         KernelOp::TceCreate { container, .. } => match output {
-            Output::StartAddr(start_addr) => Some(KernelOp::TceRemove {
+            Output::StartAddr(start_addr) => KernelOp::TceRemove {
                 container,
                 start_addr: *start_addr,
-            }),
-            _ => None,
+            },
+            _ => return Vec::new(),
         },
         KernelOp::MapDma {
             container,
             iova,
             size,
             ..
-        } => Some(KernelOp::UnmapDma {
+        } => KernelOp::UnmapDma {
             container,
             iova,
             size,
-        }),
-        KernelOp::KvmFileAdd { group } => Some(KernelOp::KvmFileDel { group }),
+        },
+        KernelOp::KvmFileAdd { group } => KernelOp::KvmFileDel { group },
+        KernelOp::KvmSetSpaprTce { table, .. } => {
+            return super::procedures::sever_ops(state, table)
+        }
         KernelOp::ContainerClose { .. }
         | KernelOp::CheckExtension { .. }
         | KernelOp::SetIommu { .. }
@@ -323,8 +333,8 @@ pub fn inverse(op: &KernelOp, output: &Output) -> Option<KernelOp> {
         | KernelOp::UnmapDma { .. }
         | KernelOp::EehPeOp { .. }
         | KernelOp::KvmFileDel { .. }
-        | KernelOp::KvmSetSpaprTce { .. }
         | KernelOp::KvmHasDeviceAttr { .. }
-        | KernelOp::ReadTces { .. } => None,
-    }
+        | KernelOp::ReadTces { .. } => return Vec::new(),
+    };
+    vec![single]
 }

@@ -775,6 +775,11 @@ pub trait Kernel {
     ) -> Result<(), Errno> {
         Ok(())
     }
+
+    /// The caller unmapped the memory it declared at `addr` with [`Kernel::memory_mapped`].
+    fn memory_unmapped(&mut self, _addr: u64) -> Result<(), Errno> {
+        Ok(())
+    }
 }
 
 impl fmt::Display for ContainerId {

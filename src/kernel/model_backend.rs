@@ -42,6 +42,20 @@ impl ModelBackend {
         &self.client
     }
 
+    /// The stand-in fd of a container this backend opened (for inspecting the model).
+    pub fn container_fd(&self, id: ContainerId) -> Option<BorrowedFd<'_>> {
+        self.containers.get(&id).map(|fd| fd.as_fd())
+    }
+
+    /// Tells the model this process closed every container it opened (the model cannot see
+    /// fds close), as happens when the process exits.
+    pub fn close_containers(&mut self) -> Result<(), Errno> {
+        for (_, fd) in std::mem::take(&mut self.containers) {
+            self.client.close(fd.as_fd()).map_err(errno)?;
+        }
+        Ok(())
+    }
+
     fn container(&self, id: ContainerId) -> Result<BorrowedFd<'_>, Errno> {
         self.containers
             .get(&id)
@@ -237,5 +251,9 @@ impl Kernel for ModelBackend {
         self.client
             .mm_map(fd, addr, size, offset, page_shift, true)
             .map_err(errno)
+    }
+
+    fn memory_unmapped(&mut self, addr: u64) -> Result<(), Errno> {
+        self.client.mm_unmap(addr).map_err(errno)
     }
 }

@@ -763,6 +763,17 @@ impl ModelServer {
         }
     }
 
+    /// A client whose calls are made as `caller`, without a socket: several simulated
+    /// processes in one test process (each keeps its own mm, as separate processes would).
+    pub fn handle_as(&self, caller: Mm) -> ModelClient {
+        ModelClient {
+            transport: Transport::Local {
+                shared: Arc::clone(&self.shared),
+                caller,
+            },
+        }
+    }
+
     /// The model file a stand-in fd names, if it names one.
     pub fn file_of(&self, fd: BorrowedFd<'_>) -> Option<FileId> {
         let state = self.shared.lock();
