@@ -1,13 +1,28 @@
 //! `tce-sidecar`: parse the command line, run, and report an error once, with its causes.
 
 use std::error::Error;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tce_sidecar::daemon::cli::{Cli, Command, KernelChoice};
-use tce_sidecar::daemon::{self, Backend, Config, Daemon, LinuxBackend, Listen};
+use tce_sidecar::daemon::cli::{Cli, Command, KernelChoice, ModelPlatform, ServeArgs};
+use tce_sidecar::daemon::{self, Backend, Config, Daemon, LinuxBackend, Listen, ModelBackend};
 use tce_sidecar::engine::Limits;
+use tce_sidecar::kernel::model::Platform;
+
+/// Where front-ends reach the model kernel: `--model-socket`, else `<socket-path>.model`.
+fn model_socket(args: &ServeArgs) -> Result<PathBuf, Box<dyn Error>> {
+    match (&args.model_socket, &args.socket_path) {
+        (Some(path), _) => Ok(path.clone()),
+        (None, Some(path)) => {
+            let mut socket = path.clone().into_os_string();
+            socket.push(".model");
+            Ok(socket.into())
+        }
+        (None, None) => Err("--kernel model needs --model-socket or --socket-path".into()),
+    }
+}
 
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Status { socket_path }) = cli.command {
@@ -16,28 +31,38 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         return Ok(());
     }
     let args = cli.serve;
+    let platform = match args.model_platform {
+        ModelPlatform::Powernv => Platform::powernv(),
+        ModelPlatform::Pseries => Platform::pseries(),
+    };
+    if args.print_capabilities {
+        let capabilities = match args.kernel {
+            KernelChoice::Linux => daemon::capabilities(&LinuxBackend::new()),
+            KernelChoice::Model => daemon::model_capabilities(&platform),
+        };
+        println!("{}", serde_json::to_string(&capabilities)?);
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(args.log_level)
         .init();
-    let backend: Box<dyn Backend> = match args.kernel {
-        KernelChoice::Linux => Box::new(LinuxBackend::new()),
-        KernelChoice::Model => {
-            return Err("the model kernel backend is not available in this build".into())
-        }
-    };
-    if args.print_capabilities {
-        println!(
-            "{}",
-            serde_json::to_string(&daemon::capabilities(backend.as_ref()))?
-        );
-        return Ok(());
-    }
-    let listen = match (args.socket_path, args.fd, daemon::socket_activation()?) {
-        (Some(path), None, None) => Listen::Path(path),
+    let listen = match (&args.socket_path, args.fd, daemon::socket_activation()?) {
+        (Some(path), None, None) => Listen::Path(path.clone()),
         (None, Some(fd), None) => Listen::Inherited(daemon::inherited(fd)?),
         (None, None, Some(fd)) => Listen::Inherited(fd),
         _ => return Err(daemon::DaemonError::NoListener.into()),
+    };
+    let backend: Box<dyn Backend> = match args.kernel {
+        KernelChoice::Linux => Box::new(LinuxBackend::new()),
+        KernelChoice::Model => {
+            let groups: Vec<u32> = (1..=args.model_iommu_groups).collect();
+            Box::new(ModelBackend::start(
+                platform,
+                &groups,
+                &model_socket(&args)?,
+            )?)
+        }
     };
     let allowed_uids = if args.allow_uids.is_empty() {
         vec![rustix::process::getuid().as_raw()]
@@ -45,11 +70,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         args.allow_uids
     };
     let daemon = Arc::new(Daemon::new(backend, args.max_sessions, Limits::default()));
-    let config = Config {
-        listen,
-        allowed_uids,
-    };
-    daemon::serve(daemon, config)?;
+    daemon::serve(
+        daemon,
+        Config {
+            listen,
+            allowed_uids,
+        },
+    )?;
     Ok(())
 }
 

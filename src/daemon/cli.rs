@@ -53,6 +53,19 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
 
+    /// With `--kernel model`: where front-ends reach the model kernel (default:
+    /// `<socket-path>.model`).
+    #[arg(long, value_name = "PATH")]
+    pub model_socket: Option<PathBuf>,
+
+    /// With `--kernel model`: the simulated host platform.
+    #[arg(long, value_enum, default_value_t = ModelPlatform::Powernv)]
+    pub model_platform: ModelPlatform,
+
+    /// With `--kernel model`: IOMMU groups 1..=N exist on the simulated host.
+    #[arg(long, default_value_t = 256)]
+    pub model_iommu_groups: u32,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     pub log_level: tracing::Level,
@@ -65,4 +78,12 @@ pub enum KernelChoice {
     /// The model kernel: a simulation of the kernel's rules, served to front-ends through a
     /// second socket (`<socket-path>.model`).
     Model,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelPlatform {
+    /// A POWER9 powernv host: 2 dynamic windows, 5 table levels.
+    Powernv,
+    /// A pseries (PowerVM or nested KVM) host: one table level.
+    Pseries,
 }

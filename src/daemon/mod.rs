@@ -25,6 +25,8 @@ use tracing::{error, info, warn};
 
 use crate::engine::{Host, Limits, Session};
 use crate::kernel::linux::{self, HostCaps, Linux};
+use crate::kernel::model::server::ModelServer;
+use crate::kernel::model::{ModelKernel, Platform};
 use crate::kernel::Kernel;
 use crate::protocol::{
     encode_reply, recv_frame, send_frame, Reply, FEATURE_EEH, FEATURE_MODE_ACCELERATED,
@@ -63,6 +65,8 @@ pub trait Backend: Send + Sync {
     fn caps(&self) -> HostCaps;
     /// A kernel handle for one session (it keeps the containers that session opens).
     fn session_kernel(&self, peer_pid: i32) -> Box<dyn Kernel + Send>;
+    /// Releases what the backend holds outside sessions, at exit.
+    fn shutdown(&self) {}
 }
 
 /// The real kernel.
@@ -94,6 +98,83 @@ impl Backend for LinuxBackend {
     fn session_kernel(&self, _peer_pid: i32) -> Box<dyn Kernel + Send> {
         Box::new(Linux::new())
     }
+}
+
+/// The model kernel, for demos and tests: the daemon serves it to front-ends on a second socket
+/// and runs its own sessions on it as the sidecar process. Never chosen unless asked for.
+pub struct ModelBackend {
+    server: ModelServer,
+    eeh: bool,
+    socket: PathBuf,
+}
+
+impl ModelBackend {
+    /// Simulates `platform` with IOMMU groups `groups`, and serves it on `socket`.
+    pub fn start(platform: Platform, groups: &[u32], socket: &Path) -> Result<Self, DaemonError> {
+        let eeh = platform.eeh;
+        let server = ModelServer::new(ModelKernel::new(platform, groups));
+        let listener = bind(socket)?;
+        let serving = server.clone();
+        std::thread::Builder::new()
+            .name("model-kernel".into())
+            .spawn(move || {
+                if let Err(err) = serving.serve(listener) {
+                    error!(%err, "the model kernel stopped serving");
+                }
+            })
+            .map_err(DaemonError::Signals)?;
+        Ok(Self {
+            server,
+            eeh,
+            socket: socket.to_owned(),
+        })
+    }
+
+    pub fn server(&self) -> &ModelServer {
+        &self.server
+    }
+}
+
+impl Backend for ModelBackend {
+    fn name(&self) -> &'static str {
+        "model"
+    }
+    fn caps(&self) -> HostCaps {
+        HostCaps {
+            spapr_tce_vfio: true,
+            eeh: self.eeh,
+            vfio: true,
+        }
+    }
+    fn session_kernel(&self, _peer_pid: i32) -> Box<dyn Kernel + Send> {
+        Box::new(crate::kernel::model_backend::ModelBackend::new(
+            self.server.handle(),
+        ))
+    }
+    fn shutdown(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// `--print-capabilities` of the model kernel, without starting it.
+pub fn model_capabilities(platform: &Platform) -> Capabilities {
+    struct Described(HostCaps);
+    impl Backend for Described {
+        fn name(&self) -> &'static str {
+            "model"
+        }
+        fn caps(&self) -> HostCaps {
+            self.0
+        }
+        fn session_kernel(&self, _: i32) -> Box<dyn Kernel + Send> {
+            Box::new(Linux::new())
+        }
+    }
+    capabilities(&Described(HostCaps {
+        spapr_tce_vfio: true,
+        eeh: platform.eeh,
+        vfio: true,
+    }))
 }
 
 /// The features a backend lets sessions negotiate: accelerated only where KVM can associate
@@ -261,7 +342,7 @@ pub fn socket_activation() -> Result<Option<OwnedFd>, DaemonError> {
 }
 
 /// Binds a new socket file readable and writable by its owner only.
-fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     let bind_error = |source| DaemonError::Bind {
         path: path.to_owned(),
         source,
@@ -447,6 +528,7 @@ pub fn serve(daemon: Arc<Daemon>, config: Config) -> Result<(), DaemonError> {
     if left > 0 {
         warn!(sessions = left, "sessions still tearing down at exit");
     }
+    daemon.backend.shutdown();
     Ok(())
 }
 

@@ -520,7 +520,7 @@ fn check_table(
             return Err(err(
                 Errno::INVAL,
                 format!(
-                    "the shared table memfd must hold {needed:#x} bytes ({} entries)",
+                    "in isolated mode the table is the front-end's userspace table in a memfd (never a KVM table: K7), which must hold {needed:#x} bytes ({} entries)",
                     desc.entries
                 ),
             ));
