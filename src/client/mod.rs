@@ -8,6 +8,8 @@
 //! only on objects this front-end registered.
 #![deny(unsafe_code)]
 
+pub mod model_vm;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -169,13 +171,22 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("GET_FEATURES reply without features".into()))
     }
 
-    /// MEM_ADD: `mapping` is where this process mapped the region (its `user_addr`).
+    /// MEM_ADD of a region this process mapped at `region.user_addr`.
     pub fn add_region(
         &mut self,
         region: MemRegion,
         memfd: BorrowedFd<'_>,
     ) -> Result<(), ClientError> {
         let id = RegionId(region.region_id);
+        // The front-end registers its own addresses (accelerated mode); a simulated kernel must
+        // be told they are mapped (the real one sees it).
+        self.kernel
+            .memory_mapped(memfd, region.mmap_offset, region.user_addr, region.size)
+            .map_err(|errno| ClientError::Refused {
+                errno,
+                text: "the kernel backend refused the region's mapping".into(),
+                body: Vec::new(),
+            })?;
         self.objects.regions.insert(
             id,
             Mapping {
@@ -186,6 +197,7 @@ impl Client {
         let result = self.transact(Request::MemAdd(region), Some(memfd));
         if result.is_err() {
             self.objects.regions.remove(&id);
+            let _ = self.kernel.memory_unmapped(region.user_addr);
         }
         result.map(drop)
     }
@@ -193,6 +205,7 @@ impl Client {
     pub fn remove_region(&mut self, region: MemRegion) -> Result<(), ClientError> {
         self.transact(Request::MemRemove(region), None)?;
         self.objects.regions.remove(&RegionId(region.region_id));
+        let _ = self.kernel.memory_unmapped(region.user_addr);
         Ok(())
     }
 
