@@ -42,6 +42,8 @@ pub struct ModelVm {
     vcpu: OwnedFd,
     device: OwnedFd,
     ram: Vec<GuestRam>,
+    /// Copies of the group fds handed out, to close at exit.
+    groups: Vec<OwnedFd>,
 }
 
 impl ModelVm {
@@ -65,6 +67,7 @@ impl ModelVm {
             vcpu,
             device,
             ram: Vec::new(),
+            groups: Vec::new(),
         })
     }
 
@@ -121,8 +124,10 @@ impl ModelVm {
         &self.ram
     }
 
-    pub fn open_group(&self, iommu_group: u32) -> Result<OwnedFd, CallError> {
-        self.model.open_vfio_group(iommu_group)
+    pub fn open_group(&mut self, iommu_group: u32) -> Result<OwnedFd, CallError> {
+        let fd = self.model.open_vfio_group(iommu_group)?;
+        self.groups.push(fd.try_clone()?);
+        Ok(fd)
     }
 
     /// A KVM TCE table (accelerated mode), mapped here.
@@ -186,11 +191,15 @@ impl ModelVm {
 
     /// The front-end exits: tells the model this process closed every file it held.
     pub fn close(self, extra: &[&OwnedFd]) -> Result<(), CallError> {
-        for fd in extra {
+        for fd in extra.iter().copied().chain(&self.groups) {
             self.model.close(fd.as_fd())?;
         }
         for fd in [&self.device, &self.vcpu, &self.vm, &self.kvm] {
             self.model.close(fd.as_fd())?;
+        }
+        // Its memory goes with it; a region that was never declared is not an error here.
+        for ram in &self.ram {
+            let _ = self.model.mm_unmap(ram.mapping.addr());
         }
         Ok(())
     }

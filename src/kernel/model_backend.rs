@@ -257,3 +257,11 @@ impl Kernel for ModelBackend {
         self.client.mm_unmap(addr).map_err(errno)
     }
 }
+
+impl Drop for ModelBackend {
+    /// Dropping the backend closes the containers it opened, as dropping their fds would on
+    /// Linux; the model cannot see fds close, so it is told.
+    fn drop(&mut self) {
+        let _ = self.close_containers();
+    }
+}
