@@ -25,6 +25,10 @@ cargo test --all-targets
 step "powerpc64le type check (cargo check --target powerpc64le-unknown-linux-gnu)"
 bash tests/setup/ppc64le-target.sh
 
+step "demo (cargo run --example demo)"
+cargo run --quiet --example demo > /tmp/tce-sidecar-demo.out
+grep -E "^(== |    completed|    exits|hypercalls completed)" /tmp/tce-sidecar-demo.out
+
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
 fuzz_ready=true
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
