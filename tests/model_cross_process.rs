@@ -69,7 +69,8 @@ struct Vmm {
 impl Vmm {
     fn new(socket: &Path) -> Self {
         let model = ModelClient::connect(socket).expect("connect to the model");
-        let (ram, ram_fd) = SharedMapping::guest_ram(&model, RAM as usize).expect("guest RAM");
+        let (ram, ram_fd) =
+            tce_sidecar::kernel::model::server::guest_ram(&model, RAM as usize).expect("guest RAM");
         let kvm = model.open_kvm().unwrap();
         let vm = model.kvm_create_vm(kvm.as_fd()).unwrap();
         let vcpu = model.kvm_create_vcpu(vm.as_fd(), 0).unwrap();

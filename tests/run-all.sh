@@ -26,8 +26,10 @@ step "powerpc64le type check (cargo check --target powerpc64le-unknown-linux-gnu
 bash tests/setup/ppc64le-target.sh
 
 step "demo (cargo run --example demo)"
-cargo run --quiet --example demo > /tmp/tce-sidecar-demo.out
-grep -E "^(== |    completed|    exits|hypercalls completed)" /tmp/tce-sidecar-demo.out
+demo_out=$(mktemp)
+cargo run --quiet --example demo > "$demo_out"
+grep -E "^(== |    completed|    exits|hypercalls completed)" "$demo_out"
+rm -f "$demo_out"
 
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
 fuzz_ready=true

@@ -445,8 +445,8 @@ pub struct SharedMapping {
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; nothing in it is tied to the
-// thread that created it, and the crate never reads or writes through it (only its address is
-// handed to the kernel).
+// thread that created it, and every access goes through volatile reads and writes of aligned
+// u64s.
 unsafe impl Send for SharedMapping {}
 
 impl SharedMapping {
@@ -470,9 +470,38 @@ impl SharedMapping {
         })
     }
 
+    /// Maps the first `len` bytes of `fd`.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Self, Errno> {
+        if len == 0 {
+            return Err(Errno::INVAL);
+        }
+        Self::new(fd, 0, len as u64)
+    }
+
     /// The mapping's address in this process.
     pub fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
+    }
+
+    fn slot(&self, index: usize) -> Option<*mut u64> {
+        let end = index.checked_add(1)?.checked_mul(8)?;
+        // The mapping is page-aligned, so every u64 slot is aligned.
+        (end <= self.len).then(|| self.ptr.as_ptr().cast::<u64>().wrapping_add(index))
+    }
+
+    /// The u64 at `index` (host byte order), or `None` past the end.
+    pub fn read_u64(&self, index: usize) -> Option<u64> {
+        // SAFETY: `slot` checked bounds and alignment; the memory is mapped while `self` lives;
+        // volatile because another process (or the kernel) may write it.
+        self.slot(index).map(|p| unsafe { p.read_volatile() })
+    }
+
+    /// Stores `value` (host byte order) at `index`; false past the end.
+    pub fn write_u64(&self, index: usize, value: u64) -> bool {
+        // SAFETY: as in `read_u64`; the mapping is writable.
+        self.slot(index)
+            .map(|p| unsafe { p.write_volatile(value) })
+            .is_some()
     }
 
     pub fn len(&self) -> u64 {

@@ -47,8 +47,8 @@
 //! - Where the kernel would write past a table's end (`MAP_DMA`/`UNMAP_DMA` whose range runs
 //!   out of the window; the kernel checks only the first page), the model returns `EINVAL`.
 //!
-//! [`server`] makes the model usable from several real processes through stand-in fds; it is
-//! the only part allowed `unsafe`, to map memfds.
+//! [`server`] makes the model usable from several real processes through stand-in fds. The
+//! model has no `unsafe`: memfds are mapped through the kernel boundary's `SharedMapping`.
 #![deny(unsafe_code)]
 
 pub mod abi;

@@ -33,10 +33,8 @@
 //! - Bad input gets an error reply and the connection goes on: unknown op `ENOSYS`, wrong
 //!   payload size or a too-large u32 `EINVAL`, misplaced or too many fds `EBADF`. Only a broken
 //!   frame closes the connection.
-#![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -44,7 +42,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
 use rustix::io::{pread, pwrite};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
 use super::abi::{
     CreateSpaprTce64, DmaMap, DmaUnmap, EehPeOp, HcallOutcome, RegisterMemory, SpaprTceInfo,
@@ -1302,80 +1299,16 @@ impl ModelClient {
     }
 }
 
-/// A shared, writable mapping of a memfd in this process, declared to the model (`MM_MAP`):
-/// guest RAM as a VMM holds it, or a TCE table's entries as anyone may map them (K6).
-pub struct SharedMapping {
-    ptr: *mut c_void,
-    len: usize,
-}
+pub use crate::kernel::linux::SharedMapping;
 
-// SAFETY: the mapping is plain shared memory; concurrent access goes through volatile reads
-// and writes of aligned u64s, and the pointer is never freed while `self` lives.
-unsafe impl Send for SharedMapping {}
-
-impl SharedMapping {
-    /// Maps `len` bytes of `fd` from offset 0, shared and writable.
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::ErrorKind::InvalidInput.into());
-        }
-        // SAFETY: a fresh mapping chosen by the kernel (null hint) aliases no Rust object; it
-        // is unmapped only in Drop.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }?;
-        Ok(Self { ptr, len })
-    }
-
-    /// New guest RAM: a memfd of `len` bytes mapped here and declared to `model` as this
-    /// process's memory (4K pages, writable). Returns the mapping and its memfd (to pass on).
-    pub fn guest_ram(model: &ModelClient, len: usize) -> Result<(Self, OwnedFd), CallError> {
-        let fd = memfd_create("guest-ram", MemfdFlags::CLOEXEC)?;
-        ftruncate(&fd, len as u64)?;
-        let map = Self::map(fd.as_fd(), len)?;
-        model.mm_map(fd.as_fd(), map.addr(), len as u64, 0, 12, true)?;
-        Ok((map, fd))
-    }
-
-    /// The mapping's address in this process.
-    pub fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-
-    fn slot(&self, index: usize) -> Option<*mut u64> {
-        let end = index.checked_add(1)?.checked_mul(8)?;
-        // The mapping is page-aligned, so every u64 slot is aligned.
-        (end <= self.len).then(|| self.ptr.cast::<u64>().wrapping_add(index))
-    }
-
-    /// The u64 at `index` (host byte order), or `None` past the end.
-    pub fn read_u64(&self, index: usize) -> Option<u64> {
-        // SAFETY: `slot` checked the bounds and alignment; the memory is mapped while `self`
-        // lives; volatile because another process may write it.
-        self.slot(index).map(|p| unsafe { p.read_volatile() })
-    }
-
-    /// Stores `value` (host byte order) at `index`; false past the end.
-    pub fn write_u64(&self, index: usize, value: u64) -> bool {
-        // SAFETY: as in `read_u64`; the mapping is writable.
-        self.slot(index)
-            .map(|p| unsafe { p.write_volatile(value) })
-            .is_some()
-    }
-}
-
-impl Drop for SharedMapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned and nothing else unmaps them.
-        let _ = unsafe { munmap(self.ptr, self.len) };
-    }
+/// New guest RAM: a memfd of `len` bytes mapped here and declared to `model` as this process's
+/// memory (4K pages, writable). Returns the mapping and its memfd (to pass on).
+pub fn guest_ram(model: &ModelClient, len: usize) -> Result<(SharedMapping, OwnedFd), CallError> {
+    let fd = memfd_create("guest-ram", MemfdFlags::CLOEXEC)?;
+    ftruncate(&fd, len as u64)?;
+    let map = SharedMapping::map(fd.as_fd(), len)?;
+    model.mm_map(fd.as_fd(), map.addr(), len as u64, 0, 12, true)?;
+    Ok((map, fd))
 }
 
 #[cfg(test)]
@@ -1565,7 +1498,7 @@ mod tests {
     fn table_standin_is_the_entries_memfd() {
         let (_s, c) = connected();
         let client = ModelClient::from_stream(c);
-        let (ram, _ram_fd) = SharedMapping::guest_ram(&client, 1 << 20).unwrap();
+        let (ram, _ram_fd) = guest_ram(&client, 1 << 20).unwrap();
         let kvm = client.open_kvm().unwrap();
         let vm = client.kvm_create_vm(kvm.as_fd()).unwrap();
         let vcpu = client.kvm_create_vcpu(vm.as_fd(), 0).unwrap();
@@ -1637,7 +1570,7 @@ mod tests {
     fn arbitrary_requests_get_replies_never_a_dead_server() {
         let (_s, c) = connected();
         let client = ModelClient::from_stream(c.try_clone().unwrap());
-        let (ram, ram_fd) = SharedMapping::guest_ram(&client, 1 << 20).unwrap();
+        let (ram, ram_fd) = guest_ram(&client, 1 << 20).unwrap();
         let kvm = client.open_kvm().unwrap();
         let vm = client.kvm_create_vm(kvm.as_fd()).unwrap();
         let vcpu = client.kvm_create_vcpu(vm.as_fd(), 0).unwrap();
