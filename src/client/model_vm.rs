@@ -189,19 +189,29 @@ impl ModelVm {
         self.model.hcall_stats(self.vm.as_fd())
     }
 
-    /// The front-end exits: tells the model this process closed every file it held.
+    /// The front-end exits: tells the model this process closed `extra` (e.g. its KVM tables)
+    /// and, on drop, every file the VM holds.
     pub fn close(self, extra: &[&OwnedFd]) -> Result<(), CallError> {
-        for fd in extra.iter().copied().chain(&self.groups) {
+        for fd in extra {
             self.model.close(fd.as_fd())?;
         }
-        for fd in [&self.device, &self.vcpu, &self.vm, &self.kvm] {
-            self.model.close(fd.as_fd())?;
+        Ok(())
+    }
+}
+
+impl Drop for ModelVm {
+    /// The model cannot see fds close or a process exit: tell it, as the exit would on Linux.
+    fn drop(&mut self) {
+        for fd in self
+            .groups
+            .iter()
+            .chain([&self.device, &self.vcpu, &self.vm, &self.kvm])
+        {
+            let _ = self.model.close(fd.as_fd());
         }
-        // Its memory goes with it; a region that was never declared is not an error here.
         for ram in &self.ram {
             let _ = self.model.mm_unmap(ram.mapping.addr());
         }
-        Ok(())
     }
 }
 

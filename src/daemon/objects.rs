@@ -73,11 +73,39 @@ impl SessionObjects {
             .or_insert((fd, desc.entries));
     }
 
-    /// Drops every fd the engine no longer knows (a refused add, a completed remove).
-    pub fn sync(&mut self, state: &State) {
+    /// Drops every fd the engine no longer knows (a refused add, a completed remove), and
+    /// unmaps the sidecar's mappings of regions that went.
+    pub fn sync(&mut self, state: &State, kernel: &mut dyn Kernel) {
         self.groups.retain(|id, _| state.groups.contains_key(id));
         self.tables.retain(|id, _| state.tables.contains_key(id));
-        self.regions.retain(|id, _| state.regions.contains_key(id));
+        let gone: Vec<RegionId> = self
+            .regions
+            .keys()
+            .filter(|id| !state.regions.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.drop_region(id, kernel);
+        }
+    }
+
+    /// Releases everything at the end of the session.
+    pub fn release(&mut self, kernel: &mut dyn Kernel) {
+        let all: Vec<RegionId> = self.regions.keys().copied().collect();
+        for id in all {
+            self.drop_region(id, kernel);
+        }
+        self.groups.clear();
+        self.tables.clear();
+    }
+
+    fn drop_region(&mut self, id: RegionId, kernel: &mut dyn Kernel) {
+        if let Some(region) = self.regions.remove(&id) {
+            if let Some(mapping) = &region.mapping {
+                // The mapping goes with `region`; a simulated kernel must be told.
+                let _ = kernel.memory_unmapped(mapping.addr());
+            }
+        }
     }
 
     pub fn fd_count(&self) -> usize {

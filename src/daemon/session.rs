@@ -201,7 +201,7 @@ pub fn serve(
             debug!(session = id, status = reply.status, text = %reply.text, "request failed");
         }
         if reply.ops.is_empty() || is_ops_result {
-            objects.sync(entry.engine().state());
+            objects.sync(entry.engine().state(), kernel.as_mut());
         }
         if send_reply(&stream, code, &reply).is_err() {
             break;
@@ -224,6 +224,6 @@ pub fn serve(
         sidecar_registered_left = sidecar_left,
         "session ended"
     );
-    drop(objects);
+    objects.release(kernel.as_mut());
     daemon.remove_session(id);
 }

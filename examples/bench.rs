@@ -1,0 +1,528 @@
+//! Benchmarks, each printed as `name: value (target)` next to a baseline measured in the same
+//! run on the same machine. `cargo run --release --example bench`.
+//!
+//! - P1 request latency: a 1-entry TCE update's round trip through the daemon, against a raw
+//!   socketpair ping-pong of the same byte counts.
+//! - P2 batched updates: 512-entry updates through the daemon (isolated mode, model kernel),
+//!   the same updates applied in-process (engine + model, no socket), and the raw ping-pong;
+//!   the overhead ratio (T_daemon - T_inproc) / T_ipc.
+//! - P3 state memory: the engine's state for a 1 TiB DDW of 64 KiB pages with every entry
+//!   mapped; the daemon's resident memory with one idle session.
+//! - P4 many sessions: 256 concurrent sessions each doing P1, p50 and p99 against one session.
+//!
+//! Timings on the model kernel measure the sidecar's own costs: the model's MAP_DMA is far
+//! cheaper than a real one, so entries per second are not a prediction for real hardware.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use tce_sidecar::client::model_vm::ModelVm;
+use tce_sidecar::client::Client;
+use tce_sidecar::engine::{Action, FdFacts, Host, Limits, MappedBits, Session};
+use tce_sidecar::kernel::model::server::ModelServer;
+use tce_sidecar::kernel::model::{Mm, ModelKernel, Platform};
+use tce_sidecar::kernel::model_backend::ModelBackend;
+use tce_sidecar::kernel::{
+    GroupId, Kernel, Mapping, Objects, OwnershipMode, RegionId, TableFd, TableId,
+};
+use tce_sidecar::protocol::*;
+
+type Error = Box<dyn std::error::Error>;
+
+const RAM: u64 = 64 << 20;
+const PAGE: u64 = 4096;
+/// A DDW of 4 KiB pages over the RAM (the model host's pages), at bus address 0.
+const ENTRIES: u64 = RAM / PAGE;
+
+fn sidecar_binary() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("no target directory")?;
+    let binary = dir.join("tce-sidecar");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "--release", "--bin", "tce-sidecar"]);
+        if !build.status()?.success() {
+            return Err("cannot build tce-sidecar".into());
+        }
+    }
+    Ok(binary)
+}
+
+struct Sidecar {
+    child: Child,
+    socket: PathBuf,
+    model: PathBuf,
+    dir: PathBuf,
+}
+
+impl Sidecar {
+    fn start() -> Result<Self, Error> {
+        let dir = std::env::temp_dir().join(format!("tce-sidecar-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("s.sock");
+        let child = Command::new(sidecar_binary()?)
+            .args([
+                "--kernel",
+                "model",
+                "--log-level",
+                "error",
+                "--max-sessions",
+                "300",
+                "--socket-path",
+            ])
+            .arg(&socket)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let model = dir.join("s.sock.model");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !model.exists() || !socket.exists() {
+            if Instant::now() > deadline {
+                return Err("the sidecar did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Self {
+            child,
+            socket,
+            model,
+            dir,
+        })
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An isolated session with RAM, one group and a window over the RAM.
+fn session(sidecar: &Sidecar, iommu_group: u32) -> Result<(ModelVm, Client), Error> {
+    let mut vm = ModelVm::create(&sidecar.model)?;
+    vm.add_ram(0, 0, RAM)?;
+    let mut client = Client::connect(
+        &sidecar.socket,
+        OwnershipMode::Isolated,
+        0,
+        Box::new(vm.kernel()?),
+        Some(vm.kvm_vfio_device()?),
+    )?;
+    let region = vm.ram()[0].region;
+    client.add_region(region, vm.ram()[0].memfd.as_fd())?;
+    client.add_group(
+        GroupDesc {
+            group_id: 0,
+            container_id: 0,
+            iommu_group,
+        },
+        vm.open_group(iommu_group)?,
+    )?;
+    let table = vm.userspace_table(0x8000_0000, 12, 0, ENTRIES)?;
+    client.add_table(
+        TableDesc {
+            table_id: 0,
+            container_id: 0,
+            liobn: 0x8000_0000,
+            page_shift: 12,
+            bus_offset: 0,
+            entries: ENTRIES,
+        },
+        table.fd.try_clone()?,
+    )?;
+    client.create_window(0)?;
+    Ok((vm, client))
+}
+
+fn one_entry(i: u64) -> TceUpdate {
+    // Alternate map and unmap of the same entry: every update makes one kernel call.
+    let value = if i % 2 == 0 {
+        (i % ENTRIES) * PAGE | 3
+    } else {
+        0
+    };
+    TceUpdate {
+        table_id: 0,
+        first_index: (i / 2) % ENTRIES,
+        count: 1,
+        entries: TceEntries::Inline(vec![value]),
+    }
+}
+
+fn batch(i: u64) -> TceUpdate {
+    let first = (i * 512) % ENTRIES;
+    let entries = (0..512).map(|k| ((first + k) * PAGE) | 3).collect();
+    TceUpdate {
+        table_id: 0,
+        first_index: first,
+        count: 512,
+        entries: TceEntries::Inline(entries),
+    }
+}
+
+fn clear(i: u64) -> TceUpdate {
+    TceUpdate {
+        table_id: 0,
+        first_index: (i * 512) % ENTRIES,
+        count: 512,
+        entries: TceEntries::Stuff(0),
+    }
+}
+
+/// Round trips of `request` and `reply` byte counts over a socketpair with a thread echoing
+/// replies: the IPC floor for the same traffic.
+fn ping_pong(request: usize, reply: usize, rounds: u64) -> Duration {
+    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+    let server = std::thread::spawn(move || {
+        let mut buf = vec![0u8; request];
+        let out = vec![0u8; reply];
+        for _ in 0..rounds {
+            if b.read_exact(&mut buf).is_err() {
+                return;
+            }
+            let _ = b.write_all(&out);
+        }
+    });
+    let out = vec![0u8; request];
+    let mut buf = vec![0u8; reply];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        a.write_all(&out).expect("write");
+        a.read_exact(&mut buf).expect("read");
+    }
+    let elapsed = start.elapsed();
+    let _ = server.join();
+    elapsed
+}
+
+fn frame_len(payload: usize) -> usize {
+    HEADER_SIZE + payload
+}
+
+fn update_bytes(update: &TceUpdate) -> (usize, usize) {
+    let request = frame_len(encode_request(&Request::TceUpdate(update.clone())).len());
+    let reply = frame_len(REPLY_FIXED + 16);
+    (request, reply)
+}
+
+fn per(d: Duration, n: u64) -> f64 {
+    d.as_nanos() as f64 / n as f64
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
+    let (_vm, mut client) = session(sidecar, 1)?;
+    let rounds = 20_000;
+    for i in 0..1000 {
+        client.tce_update(one_entry(i))?;
+    }
+    let start = Instant::now();
+    for i in 0..rounds {
+        client.tce_update(one_entry(i))?;
+    }
+    let daemon = start.elapsed();
+    let (request, reply) = update_bytes(&one_entry(0));
+    let ipc = ping_pong(request, reply, rounds);
+    let ratio = daemon.as_secs_f64() / ipc.as_secs_f64();
+    println!(
+        "P1 request latency (1-entry update): {:.1} us",
+        per(daemon, rounds) / 1000.0
+    );
+    println!(
+        "P1 raw socketpair ping-pong ({request}+{reply} bytes): {:.1} us",
+        per(ipc, rounds) / 1000.0
+    );
+    println!("P1 latency ratio daemon/ipc: {ratio:.2} (target <= 1.25)");
+    Ok(ratio)
+}
+
+/// Objects of one simulated process, for the in-process run.
+#[derive(Default)]
+struct Objs {
+    groups: std::collections::BTreeMap<GroupId, std::os::fd::OwnedFd>,
+    tables: std::collections::BTreeMap<TableId, (std::os::fd::OwnedFd, u64)>,
+    regions: std::collections::BTreeMap<RegionId, Mapping>,
+}
+
+impl Objects for Objs {
+    fn group(&self, id: GroupId) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.groups.get(&id).map(|f| f.as_fd())
+    }
+    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
+        self.tables.get(&id).map(|(f, e)| TableFd {
+            fd: f.as_fd(),
+            entries: *e,
+        })
+    }
+    fn region(&self, id: RegionId) -> Option<Mapping> {
+        self.regions.get(&id).copied()
+    }
+    fn kvm_vfio_device(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// The same 512-entry updates applied by the engine and the model in one process, as the
+/// sidecar would without the socket. Front-end calls (FILE_ADD) are answered as done: the
+/// timed loop makes none.
+fn inproc(rounds: u64) -> Result<Duration, Error> {
+    let server = ModelServer::new(ModelKernel::new(Platform::powernv(), &[1]));
+    let model = server.handle_as(Mm(7));
+    let mut kernel = ModelBackend::new(server.handle_as(Mm(7)));
+    let memfd = rustix::fs::memfd_create("ram", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&memfd, RAM)?;
+    let map = tce_sidecar::kernel::linux::SharedMapping::map(memfd.as_fd(), RAM as usize)?;
+    kernel.memory_mapped(memfd.as_fd(), 0, map.addr(), RAM)?;
+    let mut objects = Objs::default();
+    objects.regions.insert(
+        RegionId(0),
+        Mapping {
+            addr: map.addr(),
+            size: RAM,
+        },
+    );
+    objects.groups.insert(GroupId(0), model.open_vfio_group(1)?);
+    let table = rustix::fs::memfd_create("table", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&table, ENTRIES * 8)?;
+    objects.tables.insert(TableId(0), (table, ENTRIES));
+    let host = Host {
+        features: FEATURES_KNOWN,
+        page_size: PAGE,
+        limits: Limits::default(),
+    };
+    let mut session = Session::new(host);
+    let mut run =
+        |session: &mut Session, request: Request, fd: Option<FdFacts>| -> Result<(), Error> {
+            let mut action = session.handle(request, fd);
+            loop {
+                action = match action {
+                    Action::Execute(ops) => {
+                        let results = ops.iter().map(|op| kernel.execute(op, &objects)).collect();
+                        session.sidecar_results(results)
+                    }
+                    Action::Reply(reply) if reply.ops.is_empty() => {
+                        return if reply.status == 0 {
+                            Ok(())
+                        } else {
+                            Err(reply.text.into())
+                        };
+                    }
+                    Action::Reply(reply) => {
+                        let results = reply
+                            .ops
+                            .iter()
+                            .map(|op| OpResult {
+                                kind: op.kind(),
+                                status: 0,
+                                out: [0; 4],
+                            })
+                            .collect();
+                        session.handle(
+                            Request::OpsResult {
+                                transaction: reply.transaction,
+                                results,
+                            },
+                            None,
+                        )
+                    }
+                    Action::Closed => return Ok(()),
+                }
+            }
+        };
+    run(
+        &mut session,
+        Request::SetFeatures {
+            features: FEATURE_MODE_ISOLATED,
+        },
+        None,
+    )?;
+    let region = MemRegion {
+        region_id: 0,
+        guest_addr: 0,
+        size: RAM,
+        user_addr: map.addr(),
+        mmap_offset: 0,
+    };
+    run(
+        &mut session,
+        Request::MemAdd(region),
+        Some(FdFacts {
+            size: RAM,
+            page_size: PAGE,
+        }),
+    )?;
+    run(
+        &mut session,
+        Request::GroupAdd(GroupDesc {
+            group_id: 0,
+            container_id: 0,
+            iommu_group: 1,
+        }),
+        None,
+    )?;
+    let desc = TableDesc {
+        table_id: 0,
+        container_id: 0,
+        liobn: 1,
+        page_shift: 12,
+        bus_offset: 0,
+        entries: ENTRIES,
+    };
+    run(
+        &mut session,
+        Request::TableAdd(desc),
+        Some(FdFacts {
+            size: ENTRIES * 8,
+            page_size: PAGE,
+        }),
+    )?;
+    run(&mut session, Request::WindowCreate { table_id: 0 }, None)?;
+    let start = Instant::now();
+    for i in 0..rounds {
+        run(&mut session, Request::TceUpdate(batch(i)), None)?;
+        run(&mut session, Request::TceUpdate(clear(i)), None)?;
+    }
+    Ok(start.elapsed())
+}
+
+fn p2(sidecar: &Sidecar) -> Result<f64, Error> {
+    let rounds = 2000;
+    let (_vm, mut client) = session(sidecar, 2)?;
+    let start = Instant::now();
+    for i in 0..rounds {
+        client.tce_update(batch(i))?;
+        client.tce_update(clear(i))?;
+    }
+    let daemon = start.elapsed();
+    let inproc = inproc(rounds)?;
+    let (map_req, reply) = update_bytes(&batch(0));
+    let (clear_req, _) = update_bytes(&clear(0));
+    let ipc = ping_pong(map_req, reply, rounds) + ping_pong(clear_req, reply, rounds);
+    let entries = rounds * 1024;
+    let rate = |d: Duration| entries as f64 / d.as_secs_f64();
+    println!(
+        "P2 512-entry updates through the daemon: {:.0} entries/s",
+        rate(daemon)
+    );
+    println!(
+        "P2 same updates in-process (engine + model): {:.0} entries/s",
+        rate(inproc)
+    );
+    println!(
+        "P2 raw socketpair ping-pong, same bytes: {:.0} entries/s",
+        rate(ipc)
+    );
+    let ratio = (daemon.as_secs_f64() - inproc.as_secs_f64()) / ipc.as_secs_f64();
+    println!("P2 overhead ratio (T_daemon - T_inproc) / T_ipc: {ratio:.2} (target <= 1.25)");
+    Ok(ratio)
+}
+
+fn p3(sidecar: &Sidecar) -> Result<(), Error> {
+    // 1 TiB of 64 KiB pages: 16 Mi entries, every one mapped.
+    let entries = (1u64 << 40) >> 16;
+    let mut bits = MappedBits::default();
+    bits.set_range(0, entries, true);
+    assert_eq!(bits.count(), entries);
+    let bytes = bits.heap_bytes() + std::mem::size_of::<MappedBits>();
+    println!(
+        "P3 state for a fully mapped 1 TiB DDW (16 Mi entries): {:.2} MiB (target <= 4 MiB)",
+        bytes as f64 / (1 << 20) as f64
+    );
+    let (_vm, _client) = session(sidecar, 3)?;
+    println!(
+        "P3 daemon resident memory with one idle session: {} KiB",
+        sidecar.rss_kib()
+    );
+    Ok(())
+}
+
+fn latencies(
+    sidecar: &Sidecar,
+    iommu_group: u32,
+    rounds: u64,
+    start: &Barrier,
+) -> Result<Vec<Duration>, Error> {
+    let (_vm, mut client) = session(sidecar, iommu_group)?;
+    start.wait();
+    let mut samples = Vec::with_capacity(rounds as usize);
+    for i in 0..rounds {
+        let t = Instant::now();
+        client.tce_update(one_entry(i))?;
+        samples.push(t.elapsed());
+    }
+    Ok(samples)
+}
+
+fn p4(sidecar: Arc<Sidecar>) -> Result<f64, Error> {
+    let rounds = 400;
+    let mut single = latencies(&sidecar, 4, rounds * 4, &Barrier::new(1))?;
+    single.sort_unstable();
+    let sessions = 256;
+    let barrier = Arc::new(Barrier::new(sessions));
+    let threads: Vec<_> = (0..sessions)
+        .map(|i| {
+            let (sidecar, barrier) = (Arc::clone(&sidecar), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                latencies(&sidecar, 10 + i as u32, rounds, &barrier).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(t.join().map_err(|_| "a session thread panicked")??);
+    }
+    all.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "P4 one session: p50 {:.1} us, p99 {:.1} us",
+        us(percentile(&single, 0.5)),
+        us(percentile(&single, 0.99))
+    );
+    println!(
+        "P4 {sessions} concurrent sessions: p50 {:.1} us, p99 {:.1} us",
+        us(percentile(&all, 0.5)),
+        us(percentile(&all, 0.99))
+    );
+    let ratio = us(percentile(&all, 0.99)) / us(percentile(&single, 0.99));
+    println!("P4 p99 ratio {sessions} sessions / one: {ratio:.2} (target <= 2)");
+    Ok(ratio)
+}
+
+fn main() -> Result<(), Error> {
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let sidecar = Arc::new(Sidecar::start()?);
+    p1(&sidecar)?;
+    p2(&sidecar)?;
+    p3(&sidecar)?;
+    p4(Arc::clone(&sidecar))?;
+    println!("P5 the seed's effect in the lab guest: run by tests/lab (needs the ppc64le lab)");
+    Ok(())
+}
