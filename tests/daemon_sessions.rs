@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::fd::AsFd;
-use std::sync::{Arc, Barrier};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{registered_left_at_end, sessions, wait_until, Sidecar, IO_TIMEOUT};
@@ -159,23 +159,22 @@ fn concurrent_sessions_both_modes_all_updates_succeed() {
         OwnershipMode::Accelerated,
         OwnershipMode::Isolated,
     ];
-    // Set-up done → the main thread checks status → updates.
-    let set_up = Arc::new(Barrier::new(modes.len() + 1));
-    let checked = Arc::new(Barrier::new(modes.len() + 1));
+    // Every front-end set up → the main thread checks status → every front-end updates. Bounded
+    // channels rather than barriers, so a thread that fails makes the others fail, not hang.
+    let (ready, set_up) = mpsc::channel();
+    let mut go = Vec::new();
     let threads: Vec<_> = modes
         .iter()
         .enumerate()
         .map(|(i, &mode)| {
-            let (sidecar, set_up, checked) = (
-                Arc::clone(&sidecar),
-                Arc::clone(&set_up),
-                Arc::clone(&checked),
-            );
+            let (sidecar, ready) = (Arc::clone(&sidecar), ready.clone());
+            let (go_tx, checked) = mpsc::channel::<()>();
+            go.push(go_tx);
             std::thread::spawn(move || {
                 let iommu_group = 1 + i as u32;
                 let mut fe = FrontEnd::set_up(&sidecar, mode, iommu_group);
-                set_up.wait();
-                checked.wait();
+                ready.send(()).unwrap();
+                checked.recv_timeout(IO_TIMEOUT).expect("the status check");
                 let mut in_kernel = 0;
                 for index in 0..16 {
                     if fe.guest_put_tce(index, 16 + index) {
@@ -206,7 +205,12 @@ fn concurrent_sessions_both_modes_all_updates_succeed() {
             })
         })
         .collect();
-    set_up.wait();
+    drop(ready);
+    for _ in &modes {
+        set_up
+            .recv_timeout(IO_TIMEOUT)
+            .expect("every front-end sets up");
+    }
     let status = sidecar.status();
     assert_eq!(status["daemon"]["kernel"], "model");
     let listed = sessions(&status);
@@ -223,7 +227,9 @@ fn concurrent_sessions_both_modes_all_updates_succeed() {
     }
     let isolated = listed.iter().filter(|s| s["mode"] == "isolated").count();
     assert_eq!(isolated, 2);
-    checked.wait();
+    for go in go {
+        go.send(()).unwrap();
+    }
     let front_ends: Vec<FrontEnd> = threads
         .into_iter()
         .map(|t| t.join().expect("a front-end thread"))

@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -142,27 +142,33 @@ impl Sidecar {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("create the daemon log"));
-        if let Some((listener, target)) = &inherited {
-            let source: RawFd = listener.as_raw_fd();
-            let target: RawFd = *target;
-            // SAFETY: the hook runs in the forked child before exec and makes only
-            // async-signal-safe calls (dup2, fcntl) on fd numbers; it allocates nothing. It
-            // clears close-on-exec in the child only, so no other child this test process
-            // spawns meanwhile inherits the listener.
-            unsafe {
-                command.pre_exec(move || {
-                    let r = if source == target {
+        let inherit = inherited
+            .as_ref()
+            .map(|(l, target)| (l.as_raw_fd(), *target));
+        // SAFETY: the hook runs in the forked child before exec and makes only
+        // async-signal-safe calls (prctl, dup2, fcntl) on plain integers; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // The daemon dies with the test thread that started it, even when a failing
+                // test never reaches the guard's drop.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The listener loses close-on-exec in the child only, so no other child this
+                // test process spawns meanwhile inherits it.
+                let r = match inherit {
+                    None => 0,
+                    Some((source, target)) if source == target => {
                         libc::fcntl(target, libc::F_SETFD, 0)
-                    } else {
-                        // dup2 leaves the new fd without close-on-exec.
-                        libc::dup2(source, target)
-                    };
-                    if r < 0 {
-                        return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                    // dup2 leaves the new fd without close-on-exec.
+                    Some((source, target)) => libc::dup2(source, target),
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let child = command.spawn().expect("spawn tce-sidecar");
         // The daemon has its own copy now.
