@@ -756,3 +756,47 @@ fn disconnect_accelerated_leaves_front_end_state_to_the_front_end() {
     set_up(&mut d);
     assert_eq!(d.session.disconnect(), Action::Closed);
 }
+
+#[test]
+fn container_requests_unknown_container_enoent_without_calls() {
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED | FEATURE_EEH, platform());
+    set_up(&mut d);
+    // Container 5 was never named by a group: an unknown id (spec §5), not a device error.
+    let requests = [
+        Request::WindowQuery { container_id: 5 },
+        Request::WindowReset {
+            container_id: 5,
+            default_table: None,
+        },
+        Request::EehOp(EehRequest {
+            container_id: 5,
+            op: 1,
+            err_type: 0,
+            err_func: 0,
+            err_addr: 0,
+            err_mask: 0,
+        }),
+    ];
+    for request in requests {
+        let code = request.code();
+        let reply = d.request(request, None);
+        assert_eq!(
+            reply.status,
+            -Errno::NOENT.raw_os_error(),
+            "{code:?}: {}",
+            reply.text
+        );
+        assert!(
+            reply.text.ends_with("container 5 is not registered"),
+            "{}",
+            reply.text
+        );
+    }
+    assert!(d.take_log().is_empty());
+    // The known container still answers.
+    let body = d.ok(Request::WindowQuery { container_id: 0 }, None);
+    assert_eq!(
+        WindowQueryBody::decode(&body).map(|b| b.windows_max),
+        Some(2)
+    );
+}

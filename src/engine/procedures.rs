@@ -11,7 +11,7 @@ use crate::protocol::{
     TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH, MAX_INLINE_TCES,
 };
 
-use super::state::{Group, Region, State, Table};
+use super::state::{Container, Group, Region, State, Table};
 use super::window::{geometry, Geometry};
 use super::{EngineError, FdFacts, Host};
 
@@ -118,6 +118,23 @@ pub struct TceUpdateProc {
 
 fn err(errno: Errno, text: impl Into<String>) -> EngineError {
     EngineError::new(errno, text)
+}
+
+/// A container a request names that must have a group attached (its TCE info known): an id
+/// no group names is unknown (`ENOENT`, spec §5); one whose attach has not completed is not
+/// usable yet (`ENXIO`).
+fn attached_container(state: &State, container: ContainerId) -> Result<&Container, EngineError> {
+    let c = state
+        .containers
+        .get(&container)
+        .ok_or_else(|| err(Errno::NOENT, format!("{container} is not registered")))?;
+    if c.info.is_none() {
+        return Err(err(
+            Errno::NXIO,
+            format!("{container} has no group attached"),
+        ));
+    }
+    Ok(c)
 }
 
 /// Checks a request and returns its procedure (or its immediate answer).
@@ -287,16 +304,9 @@ pub fn start(
         }
         Request::WindowQuery { container_id } => {
             let container = ContainerId(container_id);
-            let info = state
-                .containers
-                .get(&container)
-                .and_then(|c| c.info)
-                .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
-            let used = state.containers[&container]
-                .windows
-                .values()
-                .filter(|w| !w.default)
-                .count() as u32;
+            let c = attached_container(state, container)?;
+            let info = c.info.unwrap_or_default();
+            let used = c.windows.values().filter(|w| !w.default).count() as u32;
             let body = WindowQueryBody {
                 windows_available: info.max_dynamic_windows.saturating_sub(used),
                 windows_max: info.max_dynamic_windows,
@@ -324,17 +334,7 @@ pub fn start(
             default_table,
         } => {
             let container = ContainerId(container_id);
-            if state
-                .containers
-                .get(&container)
-                .and_then(|c| c.info)
-                .is_none()
-            {
-                return Err(err(
-                    Errno::NXIO,
-                    format!("{container} has no group attached"),
-                ));
-            }
+            attached_container(state, container)?;
             let default = default_table.map(TableId);
             if let Some(t) = default {
                 match state.tables.get(&t) {
@@ -396,11 +396,7 @@ pub fn start(
                 return Err(err(Errno::NOTSUP, "EEH was not negotiated"));
             }
             let container = ContainerId(request.container_id);
-            let c = state
-                .containers
-                .get(&container)
-                .filter(|c| c.info.is_some())
-                .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
+            let c = attached_container(state, container)?;
             if c.groups.len() != 1 {
                 return Err(err(
                     Errno::INVAL,
@@ -536,11 +532,7 @@ impl WindowCreate {
             .get(&table)
             .ok_or_else(|| err(Errno::NOENT, format!("{table} is not registered")))?;
         let container = ContainerId(t.desc.container_id);
-        let c = state
-            .containers
-            .get(&container)
-            .filter(|c| c.info.is_some())
-            .ok_or_else(|| err(Errno::NXIO, format!("{container} has no group attached")))?;
+        let c = attached_container(state, container)?;
         let info = c.info.unwrap_or_default();
         if state.window_of(table).is_some() {
             return Err(err(Errno::EXIST, format!("{table} already has a window")));

@@ -1,0 +1,343 @@
+//! Sessions of the real `tce-sidecar --kernel model` binary, driven by front-ends that play QEMU
+//! (a [`ModelVm`] made as this process plus a [`Client`]): several at once in both modes, and a
+//! front-end that vanishes in the middle of a transaction while another keeps working.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::{registered_left_at_end, sessions, wait_until, Sidecar, IO_TIMEOUT};
+use tce_sidecar::client::model_vm::{GuestTable, ModelVm};
+use tce_sidecar::client::Client;
+use tce_sidecar::kernel::model::{HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE};
+use tce_sidecar::kernel::OwnershipMode;
+use tce_sidecar::protocol::{
+    decode_reply, encode_request, recv_frame, send_frame, GroupDesc, OpKind, Request, TableDesc,
+    TceEntries, TceUpdate,
+};
+
+/// Guest RAM per VM. Small: every VM of this process shares one mm and its 8 MiB memlock limit
+/// in accelerated mode, as the daemon's isolated sessions share the daemon's.
+const RAM: u64 = 1 << 20;
+const ENTRIES: u64 = 64;
+const PAGE_SHIFT: u32 = 12;
+const CONTAINER: u32 = 0;
+const GROUP_ID: u32 = 1;
+const TABLE_ID: u32 = 1;
+const RW: u64 = TCE_PCI_READ | TCE_PCI_WRITE;
+
+/// One VM and its front-end session, set up as QEMU does: RAM, one group, one table and its
+/// window at bus 0 (the first window created after GROUP_ADD removed the default one).
+struct FrontEnd {
+    vm: ModelVm,
+    client: Client,
+    table: GuestTable,
+    iommu_group: u32,
+}
+
+impl FrontEnd {
+    fn set_up(sidecar: &Sidecar, mode: OwnershipMode, iommu_group: u32) -> Self {
+        let mut vm = ModelVm::create(&sidecar.model_socket).expect("create a VM on the model");
+        vm.add_ram(0, 0, RAM).expect("guest RAM");
+        let kernel = vm.kernel().expect("a kernel backend");
+        let mut client = Client::connect(
+            &sidecar.socket,
+            mode,
+            0,
+            Box::new(kernel),
+            Some(vm.kvm_vfio_device().unwrap()),
+        )
+        .expect("connect and negotiate");
+        client.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let ram = &vm.ram()[0];
+        client
+            .add_region(ram.region, ram.memfd.as_fd())
+            .expect("MEM_ADD");
+        let group = vm.open_group(iommu_group).expect("open the VFIO group");
+        client
+            .add_group(
+                GroupDesc {
+                    group_id: GROUP_ID,
+                    container_id: CONTAINER,
+                    iommu_group,
+                },
+                group,
+            )
+            .expect("GROUP_ADD");
+        let liobn = 0x8000_0000 | u64::from(iommu_group);
+        let table = match mode {
+            OwnershipMode::Accelerated => vm.kvm_table(liobn, PAGE_SHIFT, 0, ENTRIES),
+            OwnershipMode::Isolated => vm.userspace_table(liobn, PAGE_SHIFT, 0, ENTRIES),
+        }
+        .expect("a guest TCE table");
+        client
+            .add_table(
+                TableDesc {
+                    table_id: TABLE_ID,
+                    container_id: CONTAINER,
+                    liobn: liobn as u32,
+                    page_shift: PAGE_SHIFT,
+                    bus_offset: 0,
+                    entries: ENTRIES,
+                },
+                table.fd.try_clone().unwrap(),
+            )
+            .expect("TABLE_ADD");
+        let window = client.create_window(TABLE_ID).expect("WINDOW_CREATE");
+        assert_eq!(
+            window.start_addr, 0,
+            "the window lands at the table's bus offset"
+        );
+        Self {
+            vm,
+            client,
+            table,
+            iommu_group,
+        }
+    }
+
+    /// The guest maps guest page `page` at entry `index` with H_PUT_TCE. When the kernel exits
+    /// to userspace, the front-end stores the entry in its table and forwards it with
+    /// TCE_UPDATE, as QEMU's h_put_tce does. Returns whether the kernel completed the call.
+    fn guest_put_tce(&mut self, index: u64, page: u64) -> bool {
+        let tce = (page << PAGE_SHIFT) | RW;
+        let ioba = index << PAGE_SHIFT;
+        match self
+            .vm
+            .hcall(H_PUT_TCE, [self.table.liobn, ioba, tce, 0])
+            .expect("H_PUT_TCE")
+        {
+            HcallOutcome::Completed { ret, .. } => {
+                assert_eq!(ret, 0, "H_PUT_TCE in the kernel");
+                true
+            }
+            HcallOutcome::Exit => {
+                assert!(self.table.mapping.write_u64(index as usize, tce));
+                let body = self
+                    .client
+                    .tce_update(TceUpdate {
+                        table_id: TABLE_ID,
+                        first_index: index,
+                        count: 1,
+                        entries: TceEntries::Shared,
+                    })
+                    .expect("TCE_UPDATE");
+                assert_eq!((body.h_status, body.processed), (0, 1));
+                false
+            }
+        }
+    }
+
+    /// The process whose mm the IOMMU entry at `index` points into, if one is mapped.
+    fn entry_mm(
+        &self,
+        model: &tce_sidecar::kernel::model::server::ModelClient,
+        index: u64,
+    ) -> Option<Mm> {
+        model
+            .iommu_entry(self.iommu_group, index << PAGE_SHIFT)
+            .expect("read the IOMMU")
+            .map(|e| e.mm)
+    }
+}
+
+fn owner_pid(mode: OwnershipMode, sidecar: &Sidecar) -> Mm {
+    match mode {
+        OwnershipMode::Accelerated => Mm(std::process::id()),
+        OwnershipMode::Isolated => Mm(sidecar.pid()),
+    }
+}
+
+#[test]
+fn concurrent_sessions_both_modes_all_updates_succeed() {
+    let sidecar = Arc::new(Sidecar::start("concurrent", &[]));
+    let modes = [
+        OwnershipMode::Accelerated,
+        OwnershipMode::Isolated,
+        OwnershipMode::Accelerated,
+        OwnershipMode::Isolated,
+    ];
+    // Every front-end set up → the main thread checks status → every front-end updates. Bounded
+    // channels rather than barriers, so a thread that fails makes the others fail, not hang.
+    let (ready, set_up) = mpsc::channel();
+    let mut go = Vec::new();
+    let threads: Vec<_> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, &mode)| {
+            let (sidecar, ready) = (Arc::clone(&sidecar), ready.clone());
+            let (go_tx, checked) = mpsc::channel::<()>();
+            go.push(go_tx);
+            std::thread::spawn(move || {
+                let iommu_group = 1 + i as u32;
+                let mut fe = FrontEnd::set_up(&sidecar, mode, iommu_group);
+                ready.send(()).unwrap();
+                checked.recv_timeout(IO_TIMEOUT).expect("the status check");
+                let mut in_kernel = 0;
+                for index in 0..16 {
+                    if fe.guest_put_tce(index, 16 + index) {
+                        in_kernel += 1;
+                    }
+                }
+                // Accelerated: KVM completes every H_PUT_TCE. Isolated: KVM does not know the
+                // LIOBN, so every one reaches the sidecar.
+                let expected = match mode {
+                    OwnershipMode::Accelerated => 16,
+                    OwnershipMode::Isolated => 0,
+                };
+                assert_eq!(in_kernel, expected, "{mode:?}: hypercalls completed in KVM");
+                let model = sidecar.model();
+                for index in 0..16 {
+                    assert_eq!(
+                        fe.entry_mm(&model, index),
+                        Some(owner_pid(mode, &sidecar)),
+                        "{mode:?}: entry {index} is mapped by the container's owner"
+                    );
+                }
+                assert_eq!(
+                    fe.entry_mm(&model, 16),
+                    None,
+                    "{mode:?}: entry 16 untouched"
+                );
+                fe
+            })
+        })
+        .collect();
+    drop(ready);
+    for _ in &modes {
+        set_up
+            .recv_timeout(IO_TIMEOUT)
+            .expect("every front-end sets up");
+    }
+    let status = sidecar.status();
+    assert_eq!(status["daemon"]["kernel"], "model");
+    let listed = sessions(&status);
+    assert_eq!(
+        listed.len(),
+        modes.len(),
+        "one session per front-end: {status}"
+    );
+    for session in &listed {
+        assert_eq!(session["peer_pid"], std::process::id());
+        assert_eq!(session["phase"], "ready");
+        assert_eq!(session["windows"].as_array().map(Vec::len), Some(1));
+        assert_eq!(session["registered_bytes"], RAM);
+    }
+    let isolated = listed.iter().filter(|s| s["mode"] == "isolated").count();
+    assert_eq!(isolated, 2);
+    for go in go {
+        go.send(()).unwrap();
+    }
+    let front_ends: Vec<FrontEnd> = threads
+        .into_iter()
+        .map(|t| t.join().expect("a front-end thread"))
+        .collect();
+    let status = sidecar.status();
+    for session in sessions(&status) {
+        let forwarded = &session["counters"]["updates_forwarded"];
+        match session["mode"].as_str() {
+            Some("isolated") => assert_eq!(forwarded, 16, "{session}"),
+            _ => assert_eq!(forwarded, 0, "{session}"),
+        }
+    }
+    // The sidecar pins exactly the RAM of its two isolated sessions.
+    let stats = sidecar.model().mm_stats(Some(sidecar.pid())).unwrap();
+    assert_eq!(stats.pinned_pages << 12, 2 * RAM);
+    drop(front_ends);
+}
+
+/// The daemon's mm on the model: (locked_vm, pinned, pre-registered regions).
+fn sidecar_mm(sidecar: &Sidecar) -> (u64, u64, u64) {
+    let s = sidecar.model().mm_stats(Some(sidecar.pid())).unwrap();
+    (s.locked_vm_pages, s.pinned_pages, s.prereg_regions)
+}
+
+#[test]
+fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
+    let sidecar = Sidecar::start("killed", &[]);
+    let mut survivor = FrontEnd::set_up(&sidecar, OwnershipMode::Isolated, 1);
+    assert!(!survivor.guest_put_tce(0, 1));
+    // The daemon's mm holds the survivor's registration, table and mapping; the victim must
+    // leave it exactly so.
+    let baseline = sidecar_mm(&sidecar);
+    assert_eq!(
+        baseline.1 << 12,
+        RAM,
+        "the survivor's RAM is pinned by the sidecar"
+    );
+
+    let mut victim = FrontEnd::set_up(&sidecar, OwnershipMode::Isolated, 2);
+    assert!(!victim.guest_put_tce(3, 7));
+    let model = sidecar.model();
+    assert_eq!(victim.entry_mm(&model, 3), Some(Mm(sidecar.pid())));
+    let with_victim = sidecar_mm(&sidecar);
+    assert_eq!(with_victim.1, 2 * baseline.1, "both sessions' RAM pinned");
+
+    // A raw GROUP_ADD of a second group: the reply opens a transaction with the front-end's
+    // KVM_FILE_ADD, which the victim never answers.
+    let group = victim.vm.open_group(3).unwrap();
+    let request = Request::GroupAdd(GroupDesc {
+        group_id: 2,
+        container_id: CONTAINER,
+        iommu_group: 3,
+    });
+    let stream = victim.client.stream();
+    send_frame(
+        stream,
+        request.code() as u32,
+        false,
+        &encode_request(&request),
+        &[group.as_fd()],
+    )
+    .unwrap();
+    let frame = recv_frame(stream, true).expect("the GROUP_ADD reply");
+    let reply = decode_reply(&frame.header, &frame.payload, frame.fds.len()).unwrap();
+    assert_eq!(reply.status, 0);
+    assert_ne!(reply.transaction, 0);
+    assert_eq!(
+        reply.ops.iter().map(|op| op.kind()).collect::<Vec<_>>(),
+        [OpKind::KvmFileAdd]
+    );
+    let victim_id = {
+        let status = sidecar.status();
+        let open: Vec<_> = sessions(&status)
+            .into_iter()
+            .filter(|s| s["phase"] == "transaction")
+            .collect();
+        assert_eq!(open.len(), 1, "the victim's transaction is open: {status}");
+        open[0]["id"].clone()
+    };
+
+    // The front-end goes away: its socket closes with the transaction open.
+    let FrontEnd { vm, client, .. } = victim;
+    drop(client);
+    wait_until("the victim's session ends", Duration::from_secs(5), || {
+        !sessions(&sidecar.status())
+            .iter()
+            .any(|s| s["id"] == victim_id)
+    });
+
+    // Teardown unmapped the victim's window, unregistered its RAM and closed its container:
+    // the daemon's mm is back to what the survivor alone holds, and the victim's group maps
+    // nothing.
+    assert_eq!(sidecar_mm(&sidecar), baseline);
+    assert_eq!(
+        model.iommu_entry(2, 3 << PAGE_SHIFT).unwrap().map(|e| e.mm),
+        None
+    );
+    let log = sidecar.log();
+    let victim_id = victim_id.as_u64().unwrap();
+    assert_eq!(registered_left_at_end(&log, victim_id), Some(0), "{log}");
+    vm.close(&[&group]).expect("the victim's VM exits");
+
+    // The survivor never noticed.
+    assert!(!survivor.guest_put_tce(5, 9));
+    assert_eq!(survivor.entry_mm(&model, 5), Some(Mm(sidecar.pid())));
+    let status = sidecar.status();
+    let left = sessions(&status);
+    assert_eq!(left.len(), 1, "{status}");
+    assert_eq!(left[0]["counters"]["updates_forwarded"], 2);
+    assert_eq!(left[0]["phase"], "ready");
+}
