@@ -610,7 +610,7 @@ fn open_transaction_busy_for_other_requests_until_ops_result() {
         &ops_result(transaction, &[result(KVM_FILE_ADD, -EPERM)]),
     );
     reply.error(EPERM);
-    assert!(reply.text.contains("KvmFileAdd"), "{}", reply.text);
+    assert!(reply.text.contains("KVM_FILE_ADD"), "{}", reply.text);
     // Ready again, with nothing registered.
     conn.call(WINDOW_QUERY, &id(0)).error(ENOENT);
     conn.call(
@@ -974,7 +974,7 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     let reply = conn.call_fds(GROUP_ADD, &group_add(2, 0, 2), &[group2.as_fd()]);
     let (last, batches) = vm.run(&conn, reply, Some(GROUP_SET_CONTAINER));
     last.error(EPERM);
-    assert!(last.text.contains("GroupSetContainer"), "{}", last.text);
+    assert!(last.text.contains("GROUP_SET_CONTAINER"), "{}", last.text);
     assert_eq!(
         batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
         [

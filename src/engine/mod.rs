@@ -395,7 +395,7 @@ impl Session {
                 return Err(EngineError::new(
                     Errno::INVAL,
                     format!(
-                        "result {i} answers {} but operation {i} is {op:?}",
+                        "result {i} answers {} but operation {i} is {op}",
                         result.kind.name()
                     ),
                 ));
@@ -455,7 +455,7 @@ impl Session {
                     *self.stats.errors.entry(errno_name(errno)).or_default() += 1;
                     if txn.rolling_back.is_some() {
                         txn.left_behind
-                            .push(format!("undoing with {op:?} failed: {errno}"));
+                            .push(format!("undoing with {op} failed: {errno}"));
                         // Stop here: the kernel view keeps what could not be undone.
                         txn.queue.clear();
                         break;

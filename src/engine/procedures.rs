@@ -669,7 +669,7 @@ impl WindowCreate {
                      (associations already made stay in KVM until their group is removed)"
                 ),
             )),
-            _ => Failure::Fail(err(errno, format!("{op:?} failed: {errno}"))),
+            _ => Failure::Fail(err(errno, format!("{op} failed: {errno}"))),
         }
     }
 
@@ -798,7 +798,7 @@ fn describe(
             errno,
             format!("{region} is still mapped for DMA; unmap it first"),
         ),
-        _ => err(errno, format!("{op:?} failed: {errno}")),
+        _ => err(errno, format!("{op} failed: {errno}")),
     }
 }
 
@@ -1359,7 +1359,7 @@ impl Procedure {
                 create: Some(c), ..
             } => c.failed(op, errno),
             Self::TceUpdate(u) => {
-                let text = format!("{op:?} failed: {errno}");
+                let text = format!("{op} failed: {errno}");
                 if matches!(op, KernelOp::ReadTces { .. }) {
                     return Failure::Fail(err(errno, text));
                 }

@@ -549,7 +549,8 @@ pub struct HostCaps {
     pub spapr_tce_vfio: bool,
     /// `/dev/vfio/vfio` exists and reports `VFIO_EEH`.
     pub eeh: bool,
-    /// `/dev/vfio/vfio` exists (VFIO containers can be opened).
+    /// `/dev/vfio/vfio` opens and its containers support the sPAPR TCE v2 IOMMU (on other
+    /// platforms VFIO exists but cannot serve this product).
     pub vfio: bool,
 }
 
@@ -567,7 +568,7 @@ pub fn host_caps() -> HostCaps {
     HostCaps {
         spapr_tce_vfio: present(&kvm, kvm_check_extension, abi::KVM_CAP_SPAPR_TCE_VFIO),
         eeh: present(&vfio, vfio_check_extension, abi::VFIO_EEH),
-        vfio: vfio.is_some(),
+        vfio: present(&vfio, vfio_check_extension, abi::VFIO_SPAPR_TCE_v2_IOMMU),
     }
 }
 

@@ -782,6 +782,75 @@ pub trait Kernel {
     }
 }
 
+impl KernelOp {
+    /// The spec's name of the call (`protocol/PROTOCOL.md` §6.1).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ContainerOpen { .. } => "CONTAINER_OPEN",
+            Self::ContainerClose { .. } => "CONTAINER_CLOSE",
+            Self::CheckExtension { .. } => "CHECK_EXTENSION",
+            Self::SetIommu { .. } => "SET_IOMMU",
+            Self::GroupGetStatus { .. } => "GROUP_GET_STATUS",
+            Self::GroupSetContainer { .. } => "GROUP_SET_CONTAINER",
+            Self::GroupUnsetContainer { .. } => "GROUP_UNSET_CONTAINER",
+            Self::TceGetInfo { .. } => "TCE_GET_INFO",
+            Self::RegisterMemory { .. } => "REGISTER_MEMORY",
+            Self::UnregisterMemory { .. } => "UNREGISTER_MEMORY",
+            Self::TceCreate { .. } => "TCE_CREATE",
+            Self::TceRemove { .. } => "TCE_REMOVE",
+            Self::MapDma { .. } => "MAP_DMA",
+            Self::UnmapDma { .. } => "UNMAP_DMA",
+            Self::EehPeOp { .. } => "EEH_PE_OP",
+            Self::KvmFileAdd { .. } => "KVM_FILE_ADD",
+            Self::KvmFileDel { .. } => "KVM_FILE_DEL",
+            Self::KvmSetSpaprTce { .. } => "KVM_SET_SPAPR_TCE",
+            Self::KvmHasDeviceAttr { .. } => "KVM_HAS_DEVICE_ATTR",
+            Self::ReadTces { .. } => "READ_TCES",
+        }
+    }
+}
+
+/// The call as logs and error texts show it: the spec's name and its arguments.
+impl fmt::Display for KernelOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.name();
+        match *self {
+            Self::ContainerOpen { container } | Self::ContainerClose { container } | Self::TceGetInfo { container } => {
+                write!(f, "{name} of {container}")
+            }
+            Self::CheckExtension { container, extension: x } | Self::SetIommu { container, iommu_type: x } => {
+                write!(f, "{name}({x}) of {container}")
+            }
+            Self::GroupGetStatus { group } | Self::KvmFileAdd { group } | Self::KvmFileDel { group } => {
+                write!(f, "{name} of {group}")
+            }
+            Self::GroupSetContainer { container, group } | Self::GroupUnsetContainer { container, group } => {
+                write!(f, "{name} of {group} in {container}")
+            }
+            Self::RegisterMemory { container, region, offset, size }
+            | Self::UnregisterMemory { container, region, offset, size } => {
+                write!(f, "{name} of {region} (offset {offset:#x}, {size:#x} bytes) in {container}")
+            }
+            Self::TceCreate { container, page_shift, window_size, levels } => write!(
+                f,
+                "{name} in {container} ({window_size:#x} bytes of {:#x}-byte pages, {levels} levels)",
+                1u64 << page_shift.min(63)
+            ),
+            Self::TceRemove { container, start_addr } => write!(f, "{name} at {start_addr:#x} in {container}"),
+            Self::MapDma { container, region, offset, iova, size, .. } => {
+                write!(f, "{name} of {region} offset {offset:#x} to {iova:#x} ({size:#x} bytes) in {container}")
+            }
+            Self::UnmapDma { container, iova, size } => write!(f, "{name} at {iova:#x} ({size:#x} bytes) in {container}"),
+            Self::EehPeOp { container, op, .. } => write!(f, "{name}({op}) of {container}"),
+            Self::KvmSetSpaprTce { group, table } => write!(f, "{name} of {group} with {table}"),
+            Self::KvmHasDeviceAttr { attr_group, attr } => write!(f, "{name}({attr_group}, {attr})"),
+            Self::ReadTces { table, first_index, count } => {
+                write!(f, "{name} of {table} entries {first_index}..+{count}")
+            }
+        }
+    }
+}
+
 impl fmt::Display for ContainerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "container {}", self.0)
