@@ -1,5 +1,5 @@
 //! Fuzzes the receive path: arbitrary bytes written into a real socketpair are read back frame
-//! by frame, as the back-end reads a connection, and every frame is decoded. Frames may be
+//! by frame with the back-end's buffered reader, and every frame is decoded. Frames may be
 //! split, truncated or oversized; nothing may panic and every frame must be accounted for.
 #![no_main]
 
@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
-use tce_sidecar::protocol::{decode_request, recv_frame, RecvError, HEADER_SIZE};
+use tce_sidecar::protocol::{decode_request, FrameReader, RecvError, HEADER_SIZE};
 
 fuzz_target!(|data: &[u8]| {
     // Stay below the socket buffer so the write cannot block without a reader.
@@ -17,9 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let (mut front, back) = UnixStream::pair().expect("socketpair");
     front.write_all(data).expect("write");
     drop(front);
+    // The daemon's reader: buffered, so frames may arrive split or together.
+    let mut reader = FrameReader::new(false);
     let mut consumed = 0;
     loop {
-        match recv_frame(&back, false) {
+        match reader.recv(&back) {
             Ok(frame) => {
                 consumed += HEADER_SIZE + frame.payload.len();
                 let _ = decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem);

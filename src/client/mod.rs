@@ -23,8 +23,8 @@ use crate::kernel::{
     RegionId, TableFd, TableId,
 };
 use crate::protocol::{
-    decode_reply, encode_request, recv_frame, send_frame, DecodeError, EehBody, EehRequest,
-    FeaturesBody, GroupDesc, MemRegion, OpResult, OwnerOp, RecvError, Reply, Request, TableDesc,
+    decode_reply, encode_request, send_frame, DecodeError, EehBody, EehRequest, FeaturesBody,
+    FrameReader, GroupDesc, MemRegion, OpResult, OwnerOp, RecvError, Reply, Request, TableDesc,
     TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_MODE_ACCELERATED,
     FEATURE_MODE_ISOLATED,
 };
@@ -95,6 +95,7 @@ pub struct ClientStats {
 /// A connected, negotiated front-end session.
 pub struct Client {
     stream: UnixStream,
+    reader: FrameReader,
     mode: OwnershipMode,
     features: u64,
     kernel: Box<dyn Kernel + Send>,
@@ -116,6 +117,7 @@ impl Client {
         let stream = UnixStream::connect(path)?;
         let mut client = Self {
             stream,
+            reader: FrameReader::new(true),
             mode,
             features: 0,
             kernel,
@@ -391,8 +393,8 @@ impl Client {
         Ok(())
     }
 
-    fn receive(&self, code: u32) -> Result<Reply, ClientError> {
-        let frame = recv_frame(&self.stream, true)?;
+    fn receive(&mut self, code: u32) -> Result<Reply, ClientError> {
+        let frame = self.reader.recv(&self.stream)?;
         if frame.header.request != code {
             return Err(ClientError::Protocol(format!(
                 "reply to request {} while waiting for {code}",

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::engine::{Action, FdFacts, Session};
 use crate::kernel::{GroupId, Kernel, KernelOp, Output, OwnershipMode};
 use crate::protocol::{
-    decode_request, encode_reply, recv_frame, send_frame, Incoming, RecvError, Reply, Request,
+    decode_request, encode_reply, send_frame, FrameReader, Incoming, RecvError, Reply, Request,
     RequestCode,
 };
 
@@ -134,9 +134,10 @@ pub fn serve(
     mut kernel: Box<dyn Kernel + Send>,
 ) {
     let mut objects = SessionObjects::default();
+    let mut reader = FrameReader::new(false);
     let id = entry.id;
     loop {
-        let frame = match recv_frame(&stream, false) {
+        let frame = match reader.recv(&stream) {
             Ok(frame) => frame,
             Err(RecvError::Closed) => {
                 debug!(session = id, "peer closed the connection");

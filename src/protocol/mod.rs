@@ -15,7 +15,7 @@ pub use codec::{
     FdProblem, FrameError, Header, OP_RECORD_SIZE, REPLY_FIXED,
 };
 pub use message::*;
-pub use socket::{recv_frame, send_bytes, send_frame, Frame, RecvError};
+pub use socket::{recv_frame, send_bytes, send_frame, Frame, FrameReader, RecvError};
 
 /// The protocol version carried in flags bits 0–1 of every header.
 pub const VERSION: u32 = 1;

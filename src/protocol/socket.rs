@@ -5,6 +5,7 @@
 //! attaches them to the `sendmsg` that carries the header's first byte. These functions block;
 //! they are meant for a blocking socket served by one thread.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -66,60 +67,155 @@ fn recv_once(
     Ok((msg.bytes, msg.flags.contains(ReturnFlags::CTRUNC)))
 }
 
-/// Receives one frame. `expect_reply` is true on the front-end side (it receives replies).
+/// Fds that arrived with one `recvmsg`, and where in the stream that read began.
+struct Chunk {
+    start: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+/// Reads frames from one connection.
+///
+/// A buffered reader takes whatever the socket holds with one `recvmsg` (a frame sent with one
+/// `sendmsg` arrives whole), keeps bytes beyond the frame for the next call, and attributes
+/// fds by stream position: the fds of a read belong to the frame in which that read began, as
+/// header fds if it began within the frame's header, as misplaced fds otherwise. An exact
+/// reader never reads past the frame it is receiving (for one-off replies, and peers that may
+/// hand the socket to someone else).
+pub struct FrameReader {
+    expect_reply: bool,
+    exact: bool,
+    buf: Vec<u8>,
+    head: usize,
+    tail: usize,
+    /// Stream position of `buf[head]`.
+    position: u64,
+    chunks: VecDeque<Chunk>,
+}
+
+/// Space kept for reads; grown only for a frame that needs more.
+const READ_SPACE: usize = 4096;
+
+impl FrameReader {
+    /// A buffered reader. `expect_reply` is true on the front-end side (it receives replies).
+    pub fn new(expect_reply: bool) -> Self {
+        Self {
+            expect_reply,
+            exact: false,
+            buf: Vec::new(),
+            head: 0,
+            tail: 0,
+            position: 0,
+            chunks: VecDeque::new(),
+        }
+    }
+
+    /// A reader that never reads past the current frame.
+    pub fn exact(expect_reply: bool) -> Self {
+        Self {
+            exact: true,
+            ..Self::new(expect_reply)
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.tail - self.head
+    }
+
+    /// Reads more bytes, at most `want` when exact.
+    fn read_more(&mut self, sock: BorrowedFd<'_>, want: usize) -> Result<usize, RecvError> {
+        if self.head > 0 {
+            self.buf.copy_within(self.head..self.tail, 0);
+            self.tail -= self.head;
+            self.head = 0;
+        }
+        let space = if self.exact {
+            want
+        } else {
+            want.max(READ_SPACE)
+        };
+        if self.buf.len() < self.tail + space {
+            self.buf.resize(self.tail + space, 0);
+        }
+        let mut fds = Vec::new();
+        let end = self.tail + space;
+        let (n, truncated) = recv_once(sock, &mut self.buf[self.tail..end], &mut fds)?;
+        if !fds.is_empty() || truncated {
+            self.chunks.push_back(Chunk {
+                start: self.position + self.available() as u64,
+                fds,
+                truncated,
+            });
+        }
+        self.tail += n;
+        Ok(n)
+    }
+
+    fn eof(&self, want: usize) -> RecvError {
+        match self.available() {
+            0 => RecvError::Closed,
+            got => RecvError::Truncated { got, want },
+        }
+    }
+
+    /// Receives one frame.
+    pub fn recv(&mut self, sock: impl AsFd) -> Result<Frame, RecvError> {
+        let sock = sock.as_fd();
+        while self.available() < HEADER_SIZE {
+            let need = HEADER_SIZE - self.available();
+            if self.read_more(sock, need)? == 0 {
+                return Err(self.eof(HEADER_SIZE));
+            }
+        }
+        let mut header_bytes = [0u8; HEADER_SIZE];
+        header_bytes.copy_from_slice(&self.buf[self.head..self.head + HEADER_SIZE]);
+        let header = match Header::decode(&header_bytes, self.expect_reply) {
+            Ok(header) => header,
+            Err(err) => {
+                // The connection ends; close every fd received so far.
+                self.chunks.clear();
+                return Err(err.into());
+            }
+        };
+        let total = HEADER_SIZE + header.size as usize;
+        while self.available() < total {
+            let need = total - self.available();
+            if self.read_more(sock, need)? == 0 {
+                return Err(self.eof(total));
+            }
+        }
+        let payload = self.buf[self.head + HEADER_SIZE..self.head + total].to_vec();
+        let (start, end) = (self.position, self.position + total as u64);
+        let (mut fds, mut misplaced, mut truncated) = (Vec::new(), false, false);
+        while self.chunks.front().is_some_and(|c| c.start < end) {
+            let chunk = self.chunks.pop_front().expect("checked above");
+            truncated |= chunk.truncated;
+            misplaced |= chunk.start >= start + HEADER_SIZE as u64 && !chunk.fds.is_empty();
+            fds.extend(chunk.fds);
+        }
+        self.head += total;
+        self.position = end;
+        // The control buffer has room for a few more than MAX_FDS (rustix adds alignment slack),
+        // so "too many" is both the kernel's MSG_CTRUNC and a count above the limit.
+        let fd_problem = if truncated || fds.len() > MAX_FDS {
+            Some(FdProblem::TooMany)
+        } else if misplaced {
+            Some(FdProblem::Misplaced)
+        } else {
+            None
+        };
+        Ok(Frame {
+            header,
+            payload,
+            fds,
+            fd_problem,
+        })
+    }
+}
+
+/// Receives one frame without reading past it. `expect_reply` is true on the front-end side.
 pub fn recv_frame(sock: impl AsFd, expect_reply: bool) -> Result<Frame, RecvError> {
-    let sock = sock.as_fd();
-    let mut fds = Vec::new();
-    let mut truncated = false;
-
-    let mut header_bytes = [0u8; HEADER_SIZE];
-    let mut got = 0;
-    while got < HEADER_SIZE {
-        let (n, trunc) = recv_once(sock, &mut header_bytes[got..], &mut fds)?;
-        truncated |= trunc;
-        if n == 0 {
-            return Err(if got == 0 {
-                RecvError::Closed
-            } else {
-                RecvError::Truncated {
-                    got,
-                    want: HEADER_SIZE,
-                }
-            });
-        }
-        got += n;
-    }
-    let header = Header::decode(&header_bytes, expect_reply)?;
-
-    let header_fds = fds.len();
-    let mut payload = vec![0u8; header.size as usize];
-    let mut got = 0;
-    while got < payload.len() {
-        let (n, trunc) = recv_once(sock, &mut payload[got..], &mut fds)?;
-        truncated |= trunc;
-        if n == 0 {
-            return Err(RecvError::Truncated {
-                got: HEADER_SIZE + got,
-                want: HEADER_SIZE + payload.len(),
-            });
-        }
-        got += n;
-    }
-    // The control buffer has room for a few more than MAX_FDS (rustix adds alignment slack), so
-    // "too many" is both the kernel's MSG_CTRUNC and a count above the limit.
-    let fd_problem = if truncated || fds.len() > MAX_FDS {
-        Some(FdProblem::TooMany)
-    } else if fds.len() != header_fds {
-        Some(FdProblem::Misplaced)
-    } else {
-        None
-    };
-    Ok(Frame {
-        header,
-        payload,
-        fds,
-        fd_problem,
-    })
+    FrameReader::exact(expect_reply).recv(sock)
 }
 
 /// Sends `bytes` (one or more whole frames), attaching `fds` to the first byte.

@@ -51,7 +51,7 @@ use super::abi::{
 use super::kernel::{FileArg, FileId, FileKind, HcallStats, HwTce, Mm, MmStats, ModelKernel};
 use super::store::{TceStore, UserMemory};
 use super::{DmaDir, Errno};
-use crate::protocol::{recv_frame, send_frame, RecvError};
+use crate::protocol::{recv_frame, send_frame, FrameReader, RecvError};
 
 /// An fd-slot word that names no file: the kernel's `fget` of it fails (`EBADF`).
 pub const NO_FD: u64 = u64::MAX;
@@ -648,8 +648,9 @@ impl Shared {
         let cred = rustix::net::sockopt::socket_peercred(&stream)?;
         let caller = Mm(cred.pid.as_raw_nonzero().get() as u32);
         self.adopt_memlock_limit(caller);
+        let mut reader = FrameReader::new(false);
         loop {
-            let frame = match recv_frame(&stream, false) {
+            let frame = match reader.recv(&stream) {
                 Ok(frame) => frame,
                 Err(RecvError::Closed) => return Ok(()),
                 Err(RecvError::Io(e)) => return Err(e),
