@@ -114,8 +114,8 @@ for machine in $MACHINES; do
     case $machine in
     powernv9) qemu_machine=(-M powernv9) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
     powernv10) qemu_machine=(-M powernv10) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
-    pseries-nested-hv) qemu_machine=(-M pseries,cap-nested-hv=on,x-vof=on -cpu power9) dev=(-device e1000,addr=0x5,romfile=) ;;
-    pseries-nested-papr) qemu_machine=(-M pseries,cap-nested-papr=on,x-vof=on -cpu power10) dev=(-device e1000,addr=0x5,romfile=) ;;
+    pseries-nested-hv) qemu_machine=(-M pseries,cap-nested-hv=on,x-vof=on -cpu power9 -vga none) dev=(-device e1000,addr=0x5,romfile=) ;;
+    pseries-nested-papr) qemu_machine=(-M pseries,cap-nested-papr=on,x-vof=on -cpu power10 -vga none) dev=(-device e1000,addr=0x5,romfile=) ;;
     *)
         echo "LAB machine=$machine mode=accelerated result=FAIL why=\"unknown machine\""
         failed=1
