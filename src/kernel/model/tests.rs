@@ -2513,3 +2513,17 @@ fn group_joining_container_shares_its_windows() {
     assert_eq!(f.k.iommu_entry(1, 0x1000), None);
     assert_eq!(f.mapped(QEMU), Some(0));
 }
+
+#[test]
+fn hcall_numbers_match_papr_and_kvm_enable_hcall_accepts_them() {
+    // PAPR / hvcall.h numbers; the lab's Linux 6.12 accepts KVM_CAP_PPC_ENABLE_HCALL for
+    // exactly these (it refuses numbers that are not multiples of 4 with EINVAL).
+    use crate::kernel::model::{H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE};
+    assert_eq!(
+        [H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE],
+        [0x1c, 0x20, 0x124, 0x138]
+    );
+    assert!([H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE]
+        .iter()
+        .all(|h| h % 4 == 0));
+}

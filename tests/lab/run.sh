@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The real-kernel lab: the product and its lab front-end, cross-built static for powerpc64le,
+# run inside a Debian ppc64el 6.12 kernel under QEMU TCG on each machine below, against a real
+# KVM and a real VFIO group (an emulated e1000e/e1000 bound to vfio-pci).
+#
+# In the guest, examples/lab_frontend.rs plays QEMU (the VM's creator) and runs the real
+# `tce-sidecar --kernel linux` as a separate process, in accelerated then isolated mode
+# (tests/lab/scenario.rs). Output: one line per machine and mode,
+#   LAB machine=<m> mode=<accelerated|isolated> result=<PASS|FAIL> in_kernel=N exits=M maps=K ...
+# plus the full console log of a machine with a failing line. Exits non-zero if any line FAILs;
+# exits 0 after one "SKIP: ..." line if the setup cannot install something.
+#
+# Environment: LAB_MACHINES (default: powernv9 powernv10 pseries-nested-hv pseries-nested-papr),
+# LAB_TIMEOUT (seconds per QEMU run, default 240), TCE_LAB_CACHE (see setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+MACHINES=${LAB_MACHINES:-powernv9 powernv10 pseries-nested-hv pseries-nested-papr}
+TIMEOUT=${LAB_TIMEOUT:-240}
+TARGET=powerpc64le-unknown-linux-gnu
+CACHE=${TCE_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-lab}
+start=$(date +%s)
+
+setup_out=$(bash tests/lab/setup.sh) || {
+    echo "$setup_out"
+    echo "lab: setup failed" >&2
+    exit 1
+}
+echo "$setup_out"
+if grep -q '^SKIP:' <<<"$setup_out"; then
+    exit 0
+fi
+# shellcheck disable=SC1091
+. "$CACHE/lab.env"
+
+echo "lab: cross-building tce-sidecar and lab_frontend for $TARGET (static)"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_LINKER=powerpc64le-linux-gnu-gcc
+export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
+cargo build --quiet --release --target "$TARGET" --bin tce-sidecar --example lab_frontend
+BIN=$CARGO_TARGET_DIR/$TARGET/release
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tce-lab.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# --- initramfs -------------------------------------------------------------------------------
+R=$WORK/root
+mkdir -p "$R"/{bin,proc,sys,dev,tmp,lib/modules}
+cp "$LAB_BUSYBOX" "$R/bin/busybox"
+for applet in sh mount insmod cat echo grep readlink basename ls sleep poweroff dmesg tail; do
+    ln -s busybox "$R/bin/$applet"
+done
+cp "$BIN/tce-sidecar" "$R/tce-sidecar"
+cp "$BIN/examples/lab_frontend" "$R/lab_frontend"
+MD=$LAB_KERNEL_DIR/lib/modules/$LAB_KERNEL_RELEASE
+: >"$R/modules.order"
+for want in kvm-hv vfio_iommu_spapr_tce vfio-pci; do
+    line=$(grep -E "/$want\.ko(\.xz)?:" "$MD/modules.dep") || {
+        echo "lab: module $want not in $MD/modules.dep" >&2
+        exit 1
+    }
+    self=${line%%:*}
+    deps=${line#*:}
+    # modules.dep lists dependencies nearest first: load them from the last one.
+    for m in $(tr ' ' '\n' <<<"$deps" | tac) "$self"; do
+        [ -n "$m" ] || continue
+        name=$(basename "${m%.xz}")
+        grep -qx "$name" "$R/modules.order" && continue
+        case $m in
+        *.xz) xz -dc "$MD/$m" >"$R/lib/modules/$name" ;;
+        *) cp "$MD/$m" "$R/lib/modules/$name" ;;
+        esac
+        echo "$name" >>"$R/modules.order"
+    done
+done
+cat >"$R/init" <<'EOF'
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "lab-guest: kernel $(cat /proc/sys/kernel/osrelease) machine $LAB_MACHINE"
+for m in $(cat /modules.order); do
+    insmod /lib/modules/$m || echo "lab-guest: insmod $m failed"
+done
+dev=""
+for d in /sys/bus/pci/devices/*; do
+    case "$(cat $d/vendor):$(cat $d/device)" in
+    0x8086:0x100e | 0x8086:0x10d3) dev=$d ;;
+    esac
+done
+if [ -z "$dev" ]; then
+    echo "LAB machine=$LAB_MACHINE mode=accelerated result=FAIL why=\"no e1000/e1000e device\""
+else
+    b=$(basename $dev)
+    [ -e $dev/driver ] && echo $b >$dev/driver/unbind
+    echo vfio-pci >$dev/driver_override
+    echo $b >/sys/bus/pci/drivers_probe
+    g=$(basename $(readlink $dev/iommu_group))
+    echo "lab-guest: $b bound to $(basename $(readlink $dev/driver)), group /dev/vfio/$g"
+    /lab_frontend run --machine "$LAB_MACHINE" --group /dev/vfio/$g --sidecar /tce-sidecar
+    echo "lab-guest: lab_frontend exit $?"
+fi
+dmesg | grep -iE 'vfio|kvm|iommu|warn|bug' | tail -n 30
+echo o >/proc/sysrq-trigger
+poweroff -f
+EOF
+chmod +x "$R/init"
+(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd.gz")
+
+# --- boots -----------------------------------------------------------------------------------
+failed=0
+for machine in $MACHINES; do
+    case $machine in
+    powernv9) qemu_machine=(-M powernv9) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
+    powernv10) qemu_machine=(-M powernv10) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
+    pseries-nested-hv) qemu_machine=(-M pseries,cap-nested-hv=on,x-vof=on -cpu power9 -vga none) dev=(-device e1000,addr=0x5,romfile=) ;;
+    pseries-nested-papr) qemu_machine=(-M pseries,cap-nested-papr=on,x-vof=on -cpu power10 -vga none) dev=(-device e1000,addr=0x5,romfile=) ;;
+    *)
+        echo "LAB machine=$machine mode=accelerated result=FAIL why=\"unknown machine\""
+        failed=1
+        continue
+        ;;
+    esac
+    log=$WORK/$machine.log
+    t0=$(date +%s)
+    rc=0
+    timeout "$TIMEOUT" qemu-system-ppc64 "${qemu_machine[@]}" -m 2G -smp 1 -nographic -no-reboot \
+        -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd.gz" \
+        -append "console=hvc0 rdinit=/init loglevel=4 LAB_MACHINE=$machine" \
+        "${dev[@]}" </dev/null >"$log" 2>&1 || rc=$?
+    echo "lab: $machine: qemu exit $rc after $(($(date +%s) - t0)) s"
+    machine_failed=0
+    for mode in accelerated isolated; do
+        line=$(grep -a -m1 "^LAB machine=$machine mode=$mode " "$log" | tr -d '\r' || true)
+        if [ -z "$line" ]; then
+            why="no summary line"
+            [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
+            line="LAB machine=$machine mode=$mode result=FAIL why=\"$why\""
+        fi
+        echo "$line"
+        grep -q ' result=PASS ' <<<"$line" || machine_failed=1
+    done
+    if [ "$machine_failed" = 1 ]; then
+        failed=1
+        echo "----- console log of $machine -----"
+        tr -d '\r' <"$log"
+        echo "----- end of console log of $machine -----"
+    fi
+done
+echo "lab: done in $(($(date +%s) - start)) s"
+exit "$failed"
