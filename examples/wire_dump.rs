@@ -194,8 +194,9 @@ fn main() -> std::io::Result<()> {
         println!("{label}:\n  {}", hex(frame));
     }
     if let Some(dir) = seeds {
-        // decode/: a selector byte, then one frame. stream/: request frames as sent on the wire,
-        // one per file and all of them back to back.
+        // decode/: a selector byte, then one frame. stream/: a reader byte (0 exact, 1
+        // buffered), then request frames as sent on the wire, one per file and all of them
+        // back to back.
         let (decode, stream) = (dir.join("decode"), dir.join("stream"));
         std::fs::create_dir_all(&decode)?;
         std::fs::create_dir_all(&stream)?;
@@ -206,11 +207,19 @@ fn main() -> std::io::Result<()> {
                 [&[*selector][..], frame].concat(),
             )?;
             if selector & 1 == 0 {
-                std::fs::write(stream.join(format!("seed-{i:02}")), frame)?;
+                std::fs::write(
+                    stream.join(format!("seed-{i:02}")),
+                    [&[(i % 2) as u8][..], frame].concat(),
+                )?;
                 all.extend_from_slice(frame);
             }
         }
-        std::fs::write(stream.join("all-requests"), all)?;
+        for reader in [0u8, 1] {
+            std::fs::write(
+                stream.join(format!("all-requests-{reader}")),
+                [&[reader][..], &all].concat(),
+            )?;
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Fuzzes the receive path: arbitrary bytes written into a real socketpair are read back frame
-//! by frame with the back-end's buffered reader, and every frame is decoded. Frames may be
+//! by frame with either reader, and every frame is decoded. Frames may be
 //! split, truncated or oversized; nothing may panic and every frame must be accounted for.
 #![no_main]
 
@@ -17,8 +17,9 @@ fuzz_target!(|data: &[u8]| {
     let (mut front, back) = UnixStream::pair().expect("socketpair");
     front.write_all(data).expect("write");
     drop(front);
-    // The daemon's reader: buffered, so frames may arrive split or together.
-    let mut reader = FrameReader::new(false);
+    // Byte 0 picks the reader: exact (the back-end's) or buffered (the front-end's).
+    let Some((&mode, data)) = data.split_first() else { return };
+    let mut reader = if mode & 1 == 0 { FrameReader::exact(false) } else { FrameReader::new(false) };
     let mut consumed = 0;
     loop {
         match reader.recv(&back) {

@@ -134,7 +134,9 @@ pub fn serve(
     mut kernel: Box<dyn Kernel + Send>,
 ) {
     let mut objects = SessionObjects::default();
-    let mut reader = FrameReader::new(false);
+    // Exact reads: fds that arrive with payload bytes are then refused deterministically
+    // (a buffered read could receive a header and a later write's fds together).
+    let mut reader = FrameReader::exact(false);
     let id = entry.id;
     loop {
         let frame = match reader.recv(&stream) {

@@ -76,12 +76,13 @@ struct Chunk {
 
 /// Reads frames from one connection.
 ///
-/// A buffered reader takes whatever the socket holds with one `recvmsg` (a frame sent with one
-/// `sendmsg` arrives whole), keeps bytes beyond the frame for the next call, and attributes
-/// fds by stream position: the fds of a read belong to the frame in which that read began, as
-/// header fds if it began within the frame's header, as misplaced fds otherwise. An exact
-/// reader never reads past the frame it is receiving (for one-off replies, and peers that may
-/// hand the socket to someone else).
+/// An exact reader reads the header, then the payload, never past the frame: fds that arrive
+/// with payload bytes are then always seen as such (the back-end refuses them). A buffered
+/// reader takes whatever the socket holds with one `recvmsg` (a frame sent with one `sendmsg`
+/// arrives whole) and keeps bytes beyond the frame for the next call; it attributes fds by
+/// stream position (the fds of a read belong to the frame in which that read began), but the
+/// kernel may deliver a later write's fds with the same read as a header, so it suits the
+/// front-end, whose replies carry no fds, and not the back-end.
 pub struct FrameReader {
     expect_reply: bool,
     exact: bool,

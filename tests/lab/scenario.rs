@@ -22,7 +22,7 @@ pub type Error = Box<dyn std::error::Error>;
 
 /// PAPR hypercall numbers (`arch/powerpc/include/asm/hvcall.h`).
 pub const H_PUT_TCE: u64 = 0x20;
-pub const H_PUT_TCE_INDIRECT: u64 = 0x124;
+pub const H_PUT_TCE_INDIRECT: u64 = 0x13c;
 pub const H_STUFF_TCE: u64 = 0x138;
 pub const H_SUCCESS: i64 = 0;
 

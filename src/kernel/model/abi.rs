@@ -92,7 +92,7 @@ pub const TCE_PCI_WRITE: u64 = 2;
 /// Hypercall numbers (`arch/powerpc/include/asm/hvcall.h`).
 pub const H_GET_TCE: u64 = 0x1c;
 pub const H_PUT_TCE: u64 = 0x20;
-pub const H_PUT_TCE_INDIRECT: u64 = 0x124;
+pub const H_PUT_TCE_INDIRECT: u64 = 0x13c;
 pub const H_STUFF_TCE: u64 = 0x138;
 /// Hypercall return codes.
 pub const H_SUCCESS: i64 = 0;

@@ -226,7 +226,7 @@ struct State {
 }
 
 impl State {
-    fn resolve(&self, fd: &OwnedFd) -> FileArg {
+    fn resolve(&self, fd: BorrowedFd<'_>) -> FileArg {
         match inode_of(fd).and_then(|ino| self.by_inode.get(&ino)) {
             Some(&id) if self.kernel.file_kind(id).is_some() => FileArg::File(id),
             _ => FileArg::Foreign,
@@ -260,13 +260,36 @@ impl State {
     }
 }
 
-/// One decoded request.
-struct Req {
-    words: Vec<u64>,
-    fds: Vec<Option<OwnedFd>>,
+/// An fd argument: received with a frame (owned), or lent by an in-process caller.
+enum ArgFd<'a> {
+    Owned(OwnedFd),
+    Borrowed(BorrowedFd<'a>),
 }
 
-impl Req {
+impl ArgFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Owned(fd) => fd.as_fd(),
+            Self::Borrowed(fd) => *fd,
+        }
+    }
+
+    fn into_owned(self) -> Option<OwnedFd> {
+        match self {
+            Self::Owned(fd) => Some(fd),
+            // Only a call that keeps the file (MM_MAP) pays for a copy.
+            Self::Borrowed(fd) => fd.try_clone_to_owned().ok(),
+        }
+    }
+}
+
+/// One decoded request.
+struct Req<'a> {
+    words: Vec<u64>,
+    fds: Vec<Option<ArgFd<'a>>>,
+}
+
+impl Req<'_> {
     fn u64(&self, i: usize) -> u64 {
         self.words[i]
     }
@@ -275,16 +298,17 @@ impl Req {
         u32::try_from(self.words[i]).map_err(|_| Errno::INVAL)
     }
 
-    fn fd(&self, i: usize) -> Option<&OwnedFd> {
+    fn fd(&self, i: usize) -> Option<BorrowedFd<'_>> {
         usize::try_from(self.words[i])
             .ok()
             .and_then(|slot| self.fds.get(slot))
             .and_then(Option::as_ref)
+            .map(ArgFd::as_fd)
     }
 
     fn take_fd(&mut self, i: usize) -> Option<OwnedFd> {
         let slot = usize::try_from(self.words[i]).ok()?;
-        self.fds.get_mut(slot)?.take()
+        self.fds.get_mut(slot)?.take()?.into_owned()
     }
 }
 
@@ -319,7 +343,7 @@ impl Shared {
         caller: Mm,
         code: u32,
         payload: &[u8],
-        fds: Vec<OwnedFd>,
+        fds: Vec<ArgFd<'_>>,
     ) -> Result<(Vec<u64>, Option<OwnedFd>), Errno> {
         let op = Op::from_u32(code).ok_or(Errno::NOSYS)?;
         if payload.len() != op.words() * 8 {
@@ -345,7 +369,7 @@ impl Shared {
         reply
     }
 
-    fn call(s: &mut State, caller: Mm, op: Op, r: &mut Req) -> Result<Out, Errno> {
+    fn call(s: &mut State, caller: Mm, op: Op, r: &mut Req<'_>) -> Result<Out, Errno> {
         let arg = |s: &State, r: &Req, i: usize| -> FileArg {
             match r.fd(i) {
                 Some(fd) => s.resolve(fd),
@@ -648,7 +672,7 @@ impl Shared {
         let cred = rustix::net::sockopt::socket_peercred(&stream)?;
         let caller = Mm(cred.pid.as_raw_nonzero().get() as u32);
         self.adopt_memlock_limit(caller);
-        let mut reader = FrameReader::new(false);
+        let mut reader = FrameReader::exact(false);
         loop {
             let frame = match reader.recv(&stream) {
                 Ok(frame) => frame,
@@ -660,7 +684,12 @@ impl Shared {
             let result = if frame.fd_problem.is_some() {
                 Err(Errno::BADF)
             } else {
-                self.dispatch(caller, code, &frame.payload, frame.fds)
+                self.dispatch(
+                    caller,
+                    code,
+                    &frame.payload,
+                    frame.fds.into_iter().map(ArgFd::Owned).collect(),
+                )
             };
             let (payload, fd) = encode_reply(result);
             let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
@@ -858,11 +887,8 @@ impl ModelClient {
         let payload: Vec<u8> = args.iter().flat_map(|w| w.to_le_bytes()).collect();
         match &self.transport {
             Transport::Local { shared, caller } => {
-                let owned = fds
-                    .iter()
-                    .map(|f| f.try_clone_to_owned())
-                    .collect::<io::Result<Vec<_>>>()?;
-                Ok(shared.dispatch(*caller, op as u32, &payload, owned)?)
+                let lent = fds.iter().map(|f| ArgFd::Borrowed(*f)).collect();
+                Ok(shared.dispatch(*caller, op as u32, &payload, lent)?)
             }
             Transport::Socket(stream) => {
                 let stream = stream.lock().unwrap_or_else(|e| e.into_inner());

@@ -2521,7 +2521,7 @@ fn hcall_numbers_match_papr_and_kvm_enable_hcall_accepts_them() {
     use crate::kernel::model::{H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE};
     assert_eq!(
         [H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE],
-        [0x1c, 0x20, 0x124, 0x138]
+        [0x1c, 0x20, 0x13c, 0x138]
     );
     assert!([H_GET_TCE, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE]
         .iter()
