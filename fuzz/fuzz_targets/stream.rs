@@ -14,11 +14,11 @@ fuzz_target!(|data: &[u8]| {
     if data.len() > 64 * 1024 {
         return;
     }
+    // Byte 0 picks the reader: exact (the back-end's) or buffered (the front-end's).
+    let Some((&mode, data)) = data.split_first() else { return };
     let (mut front, back) = UnixStream::pair().expect("socketpair");
     front.write_all(data).expect("write");
     drop(front);
-    // Byte 0 picks the reader: exact (the back-end's) or buffered (the front-end's).
-    let Some((&mode, data)) = data.split_first() else { return };
     let mut reader = if mode & 1 == 0 { FrameReader::exact(false) } else { FrameReader::new(false) };
     let mut consumed = 0;
     loop {

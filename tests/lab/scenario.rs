@@ -149,6 +149,8 @@ pub struct Outcome {
     pub locked_end: (u64, u64),
     pub refusals: Option<(Errno, Errno)>,
     pub reattached: bool,
+    /// Wall time of the guest's workload, exits and their forwarding included.
+    pub workload: Duration,
 }
 
 impl Outcome {
@@ -251,7 +253,7 @@ pub fn summary(machine: &str, mode: OwnershipMode, outcome: &Result<Outcome, Str
                 None => String::new(),
             };
             format!(
-                "LAB machine={machine} mode={name} result={} in_kernel={} exits={} maps={} unmaps={} forwarded={} hypercalls={}{refusals} reattached={}{}",
+                "LAB machine={machine} mode={name} result={} in_kernel={} exits={} maps={} unmaps={} forwarded={} hypercalls={}{refusals} reattached={} workload_us={}{}",
                 if failures.is_empty() { "PASS" } else { "FAIL" },
                 o.in_kernel,
                 o.exits,
@@ -260,6 +262,7 @@ pub fn summary(machine: &str, mode: OwnershipMode, outcome: &Result<Outcome, Str
                 o.forwarded,
                 o.hypercalls,
                 o.reattached,
+                o.workload.as_micros(),
                 if failures.is_empty() { String::new() } else { format!(" why=\"{}\"", failures.join("; ")) },
             )
         }
@@ -379,11 +382,13 @@ pub fn run_session<V: LabVm>(
         vm.write_ram(gpa, value);
     }
     vm.load(&program)?;
+    let started = Instant::now();
     while let Some(h) = vm.run()? {
         o.exits += 1;
         let ret = handle_exit(vm, &mut client, &h)?;
         vm.complete(ret);
     }
+    o.workload = started.elapsed();
     let results = vm.results()?;
     o.hypercalls = program.len() as u64;
     o.in_kernel = o.hypercalls - o.exits;
