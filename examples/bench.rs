@@ -28,7 +28,7 @@ use tce_sidecar::kernel::model::server::ModelServer;
 use tce_sidecar::kernel::model::{Mm, ModelKernel, Platform};
 use tce_sidecar::kernel::model_backend::ModelBackend;
 use tce_sidecar::kernel::{
-    GroupId, Kernel, Mapping, Objects, OwnershipMode, RegionId, TableFd, TableId,
+    GroupId, Kernel, Mapping, ObjectTable, OwnershipMode, RegionId, TableId,
 };
 use tce_sidecar::protocol::*;
 
@@ -296,32 +296,6 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
     Ok(ratio)
 }
 
-/// Objects of one simulated process, for the in-process run.
-#[derive(Default)]
-struct Objs {
-    groups: std::collections::BTreeMap<GroupId, std::os::fd::OwnedFd>,
-    tables: std::collections::BTreeMap<TableId, (std::os::fd::OwnedFd, u64)>,
-    regions: std::collections::BTreeMap<RegionId, Mapping>,
-}
-
-impl Objects for Objs {
-    fn group(&self, id: GroupId) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.groups.get(&id).map(|f| f.as_fd())
-    }
-    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
-        self.tables.get(&id).map(|(f, e)| TableFd {
-            fd: f.as_fd(),
-            entries: *e,
-        })
-    }
-    fn region(&self, id: RegionId) -> Option<Mapping> {
-        self.regions.get(&id).copied()
-    }
-    fn kvm_vfio_device(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        None
-    }
-}
-
 /// The same 512-entry updates applied by the engine and the model in one process, as the
 /// sidecar would without the socket. Front-end calls (FILE_ADD) are answered as done: the
 /// timed loop makes none.
@@ -333,7 +307,7 @@ fn inproc(rounds: u64) -> Result<Duration, Error> {
     rustix::fs::ftruncate(&memfd, RAM)?;
     let map = tce_sidecar::kernel::linux::SharedMapping::map(memfd.as_fd(), RAM as usize)?;
     kernel.memory_mapped(memfd.as_fd(), 0, map.addr(), RAM)?;
-    let mut objects = Objs::default();
+    let mut objects = ObjectTable::default();
     objects.regions.insert(
         RegionId(0),
         Mapping {
@@ -544,7 +518,8 @@ fn p4(sidecar: Arc<Sidecar>) -> Result<f64, Error> {
         .map(|i| {
             let (sidecar, barrier) = (Arc::clone(&sidecar), Arc::clone(&barrier));
             std::thread::spawn(move || {
-                latencies(&sidecar, 10 + i as u32, rounds, pace, &barrier).map_err(|e| e.to_string())
+                latencies(&sidecar, 10 + i as u32, rounds, pace, &barrier)
+                    .map_err(|e| e.to_string())
             })
         })
         .collect();

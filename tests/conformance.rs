@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -23,7 +22,7 @@ use tce_sidecar::client::model_vm::ModelVm;
 use tce_sidecar::kernel::model::Mm;
 use tce_sidecar::kernel::model_backend::ModelBackend;
 use tce_sidecar::kernel::{
-    ContainerId, GroupId, Kernel, KernelOp, Mapping, Objects, Output, RegionId, TableFd, TableId,
+    ContainerId, GroupId, Kernel, KernelOp, Mapping, ObjectTable, Output, RegionId, TableId,
 };
 
 // Request codes (§7.11).
@@ -706,31 +705,7 @@ fn sixty_four_concurrent_clients_each_served_correctly() {
 }
 
 /// The front-end's objects, for the model backend that executes its owner operations.
-#[derive(Default)]
-struct FrontEnd {
-    groups: BTreeMap<GroupId, OwnedFd>,
-    tables: BTreeMap<TableId, (OwnedFd, u64)>,
-    regions: BTreeMap<RegionId, Mapping>,
-    device: Option<OwnedFd>,
-}
-
-impl Objects for FrontEnd {
-    fn group(&self, id: GroupId) -> Option<BorrowedFd<'_>> {
-        self.groups.get(&id).map(|fd| fd.as_fd())
-    }
-    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
-        self.tables.get(&id).map(|(fd, entries)| TableFd {
-            fd: fd.as_fd(),
-            entries: *entries,
-        })
-    }
-    fn region(&self, id: RegionId) -> Option<Mapping> {
-        self.regions.get(&id).copied()
-    }
-    fn kvm_vfio_device(&self) -> Option<BorrowedFd<'_>> {
-        self.device.as_ref().map(|fd| fd.as_fd())
-    }
-}
+type FrontEnd = ObjectTable;
 
 /// The kernel call an operation record asks for (only the kinds these sessions receive).
 fn kernel_op(op: &Op) -> KernelOp {
@@ -823,7 +798,7 @@ impl Vm {
             .memory_mapped(ram.memfd.as_fd(), 0, ram.mapping.addr(), RAM)
             .unwrap();
         let mut objects = FrontEnd {
-            device: Some(vm.kvm_vfio_device().unwrap()),
+            kvm_vfio: Some(vm.kvm_vfio_device().unwrap()),
             ..FrontEnd::default()
         };
         objects.regions.insert(

@@ -6,7 +6,7 @@
 //! TCE hypercalls complete in the kernel; in isolated mode every one reaches the sidecar.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use proptest::prelude::*;
 use rustix::io::Errno;
@@ -18,8 +18,8 @@ use tce_sidecar::kernel::model::{
 };
 use tce_sidecar::kernel::model_backend::ModelBackend;
 use tce_sidecar::kernel::{
-    to_op_result, ContainerId, GroupId, Kernel, KernelOp, Mapping, Objects, Output, OwnershipMode,
-    RegionId, TableFd, TableId,
+    to_op_result, ContainerId, GroupId, Kernel, KernelOp, Mapping, ObjectTable, Output,
+    OwnershipMode, RegionId, TableId,
 };
 use tce_sidecar::protocol::*;
 
@@ -34,31 +34,7 @@ const C0: ContainerId = ContainerId(0);
 /// Two guest tables: the default window at bus 0 (4 KiB pages) and a DDW at 1 << 59 (64 KiB).
 const TABLES: [(u64, u32, u64); 2] = [(0, 12, 64), (1 << 59, 16, 64)];
 
-#[derive(Default)]
-struct Objs {
-    groups: BTreeMap<GroupId, OwnedFd>,
-    tables: BTreeMap<TableId, (OwnedFd, u64)>,
-    regions: BTreeMap<RegionId, Mapping>,
-    device: Option<OwnedFd>,
-}
-
-impl Objects for Objs {
-    fn group(&self, id: GroupId) -> Option<BorrowedFd<'_>> {
-        self.groups.get(&id).map(|fd| fd.as_fd())
-    }
-    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
-        self.tables.get(&id).map(|(fd, entries)| TableFd {
-            fd: fd.as_fd(),
-            entries: *entries,
-        })
-    }
-    fn region(&self, id: RegionId) -> Option<Mapping> {
-        self.regions.get(&id).copied()
-    }
-    fn kvm_vfio_device(&self) -> Option<BorrowedFd<'_>> {
-        self.device.as_ref().map(|fd| fd.as_fd())
-    }
-}
+type Objs = ObjectTable;
 
 struct Ram {
     front_end: SharedMapping,
@@ -156,7 +132,7 @@ impl World {
             mode,
             fe_model,
             fe: Objs {
-                device,
+                kvm_vfio: device,
                 ..Objs::default()
             },
             sc: Objs::default(),
@@ -592,7 +568,7 @@ impl World {
                 self.fe_model.close(fd.as_fd()).unwrap();
             }
         }
-        if let Some(device) = self.fe.device.take() {
+        if let Some(device) = self.fe.kvm_vfio.take() {
             self.fe_model.close(device.as_fd()).unwrap();
         }
         for fd in [&self.vcpu, &self.vm, &self.kvm] {

@@ -19,8 +19,8 @@ use std::path::Path;
 use rustix::io::Errno;
 
 use crate::kernel::{
-    to_op_result, ContainerId, GroupId, Kernel, KernelOp, Mapping, Objects, OwnershipMode,
-    RegionId, TableFd, TableId,
+    to_op_result, ContainerId, GroupId, Kernel, KernelOp, Mapping, ObjectTable, OwnershipMode,
+    RegionId, TableId,
 };
 use crate::protocol::{
     decode_reply, encode_request, send_frame, DecodeError, EehBody, EehRequest, FeaturesBody,
@@ -57,33 +57,6 @@ impl ClientError {
     }
 }
 
-/// The front-end's objects, by the ids it gave them.
-#[derive(Default)]
-pub struct FrontEndObjects {
-    groups: BTreeMap<GroupId, (OwnedFd, ContainerId)>,
-    tables: BTreeMap<TableId, (OwnedFd, u64)>,
-    regions: BTreeMap<RegionId, Mapping>,
-    kvm_vfio: Option<OwnedFd>,
-}
-
-impl Objects for FrontEndObjects {
-    fn group(&self, id: GroupId) -> Option<BorrowedFd<'_>> {
-        self.groups.get(&id).map(|(fd, _)| fd.as_fd())
-    }
-    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
-        self.tables.get(&id).map(|(fd, entries)| TableFd {
-            fd: fd.as_fd(),
-            entries: *entries,
-        })
-    }
-    fn region(&self, id: RegionId) -> Option<Mapping> {
-        self.regions.get(&id).copied()
-    }
-    fn kvm_vfio_device(&self) -> Option<BorrowedFd<'_>> {
-        self.kvm_vfio.as_ref().map(|fd| fd.as_fd())
-    }
-}
-
 /// Counts of what the front-end executed for the sidecar.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientStats {
@@ -99,7 +72,9 @@ pub struct Client {
     mode: OwnershipMode,
     features: u64,
     kernel: Box<dyn Kernel + Send>,
-    objects: FrontEndObjects,
+    objects: ObjectTable,
+    /// The container each group belongs to.
+    group_containers: BTreeMap<GroupId, ContainerId>,
     containers: BTreeSet<ContainerId>,
     stats: ClientStats,
 }
@@ -121,9 +96,10 @@ impl Client {
             mode,
             features: 0,
             kernel,
-            objects: FrontEndObjects {
+            group_containers: BTreeMap::new(),
+            objects: ObjectTable {
                 kvm_vfio,
-                ..FrontEndObjects::default()
+                ..ObjectTable::default()
             },
             containers: BTreeSet::new(),
             stats: ClientStats::default(),
@@ -158,7 +134,7 @@ impl Client {
         self.stats
     }
 
-    pub fn objects(&self) -> &FrontEndObjects {
+    pub fn objects(&self) -> &ObjectTable {
         &self.objects
     }
 
@@ -217,10 +193,12 @@ impl Client {
         let id = GroupId(group.group_id);
         let container = ContainerId(group.container_id);
         let sent = fd.try_clone()?;
-        self.objects.groups.insert(id, (fd, container));
+        self.objects.groups.insert(id, fd);
+        self.group_containers.insert(id, container);
         let result = self.transact(Request::GroupAdd(group), Some(sent.as_fd()));
         if result.is_err() {
             self.objects.groups.remove(&id);
+            self.group_containers.remove(&id);
         }
         result.map(drop)
     }
@@ -228,6 +206,7 @@ impl Client {
     pub fn remove_group(&mut self, group_id: u32) -> Result<(), ClientError> {
         self.transact(Request::GroupRemove { group_id }, None)?;
         self.objects.groups.remove(&GroupId(group_id));
+        self.group_containers.remove(&GroupId(group_id));
         Ok(())
     }
 
@@ -305,7 +284,7 @@ impl Client {
     /// Whether the sidecar may ask for `op`: only objects this front-end registered, and only
     /// containers of its groups.
     fn allowed(&self, op: &KernelOp) -> bool {
-        let container_ok = |c: &ContainerId| self.objects.groups.values().any(|(_, gc)| gc == c);
+        let container_ok = |c: &ContainerId| self.group_containers.values().any(|gc| gc == c);
         match op {
             KernelOp::ContainerOpen { container } => {
                 container_ok(container) && !self.containers.contains(container)
@@ -321,11 +300,7 @@ impl Client {
             KernelOp::GroupSetContainer { container, group }
             | KernelOp::GroupUnsetContainer { container, group } => {
                 self.containers.contains(container)
-                    && self
-                        .objects
-                        .groups
-                        .get(group)
-                        .is_some_and(|(_, c)| c == container)
+                    && self.group_containers.get(group) == Some(container)
             }
             KernelOp::RegisterMemory {
                 container, region, ..

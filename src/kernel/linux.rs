@@ -149,19 +149,13 @@ impl Kernel for Linux {
                 offset,
                 size,
             } => {
-                let fd = self.container(container)?;
                 let vaddr = address_in(objects, region, offset, size)?;
-                let mut arg = vfio_iommu_spapr_register_memory {
-                    argsz: argsz::<vfio_iommu_spapr_register_memory>(),
-                    flags: 0,
+                prereg(
+                    self.container(container)?,
+                    Ioctl::VFIO_IOMMU_SPAPR_REGISTER_MEMORY,
                     vaddr,
                     size,
-                };
-                // SAFETY: the call reads a `struct vfio_iommu_spapr_register_memory`; the kernel
-                // validates and pins the user range itself (`vaddr` lies inside the caller's
-                // mapping of the region, checked above).
-                unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &mut arg) }?;
-                Ok(Output::Done)
+                )
             }
             KernelOp::UnregisterMemory {
                 container,
@@ -169,17 +163,13 @@ impl Kernel for Linux {
                 offset,
                 size,
             } => {
-                let fd = self.container(container)?;
                 let vaddr = address_in(objects, region, offset, size)?;
-                let mut arg = vfio_iommu_spapr_register_memory {
-                    argsz: argsz::<vfio_iommu_spapr_register_memory>(),
-                    flags: 0,
+                prereg(
+                    self.container(container)?,
+                    Ioctl::VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY,
                     vaddr,
                     size,
-                };
-                // SAFETY: the call reads a `struct vfio_iommu_spapr_register_memory`.
-                unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &mut arg) }?;
-                Ok(Output::Done)
+                )
             }
             KernelOp::TceCreate {
                 container,
@@ -376,6 +366,21 @@ pub(crate) fn dma_flags(access: DmaAccess) -> u32 {
         0
     };
     read | write
+}
+
+/// `VFIO_IOMMU_SPAPR_(UN)REGISTER_MEMORY` of `size` bytes at `vaddr`.
+fn prereg(container: BorrowedFd<'_>, op: Ioctl, vaddr: u64, size: u64) -> Result<Output, Errno> {
+    let mut arg = vfio_iommu_spapr_register_memory {
+        argsz: argsz::<vfio_iommu_spapr_register_memory>(),
+        flags: 0,
+        vaddr,
+        size,
+    };
+    // SAFETY: both calls read a `struct vfio_iommu_spapr_register_memory`; the kernel validates
+    // and pins (or unpins) the user range itself, and `vaddr` lies inside the caller's mapping
+    // of the region (checked by `address_in`).
+    unsafe { ioctl_ptr(container, op, &mut arg) }?;
+    Ok(Output::Done)
 }
 
 /// The caller's address of `size` bytes at `offset` in `region`; `EFAULT` unless the whole

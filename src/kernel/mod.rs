@@ -16,8 +16,9 @@ pub mod linux;
 pub mod model;
 pub mod model_backend;
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 pub use rustix::io::Errno;
 
@@ -756,6 +757,35 @@ pub trait Objects {
     fn region(&self, id: RegionId) -> Option<Mapping>;
     /// The VM's kvm-vfio device (one per VM).
     fn kvm_vfio_device(&self) -> Option<BorrowedFd<'_>>;
+}
+
+/// The plain resolver: fds and mappings by id, as a front-end (or a test playing one) holds
+/// them.
+#[derive(Debug, Default)]
+pub struct ObjectTable {
+    pub groups: BTreeMap<GroupId, OwnedFd>,
+    /// Each table's fd and its number of entries.
+    pub tables: BTreeMap<TableId, (OwnedFd, u64)>,
+    pub regions: BTreeMap<RegionId, Mapping>,
+    pub kvm_vfio: Option<OwnedFd>,
+}
+
+impl Objects for ObjectTable {
+    fn group(&self, id: GroupId) -> Option<BorrowedFd<'_>> {
+        self.groups.get(&id).map(|fd| fd.as_fd())
+    }
+    fn table(&self, id: TableId) -> Option<TableFd<'_>> {
+        self.tables.get(&id).map(|(fd, entries)| TableFd {
+            fd: fd.as_fd(),
+            entries: *entries,
+        })
+    }
+    fn region(&self, id: RegionId) -> Option<Mapping> {
+        self.regions.get(&id).copied()
+    }
+    fn kvm_vfio_device(&self) -> Option<BorrowedFd<'_>> {
+        self.kvm_vfio.as_ref().map(|fd| fd.as_fd())
+    }
 }
 
 /// Executes kernel calls. `linux` makes the real calls; a simulation implements the same
