@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of tce-sidecar: formatting, clippy, the cargo test suite, the powerpc64le type
-# check, the demo, the real-kernel lab (ppc64le under QEMU), and the fuzz targets for a while. It first installs what the tests need; anything it cannot install is
+# check, the demo, the real-kernel lab (ppc64le under QEMU), the QEMU patch series (checkpatch,
+# builds, smoke test), and the fuzz targets for a while. It first installs what the tests need; anything it cannot install is
 # reported on a line starting with "SKIP:" that names what was skipped and why.
 #
 # Environment: FUZZ_SECONDS (default 30) is the run time of each fuzz target.
@@ -33,6 +34,9 @@ rm -f "$demo_out"
 
 step "real-kernel lab (Linux ppc64le under QEMU TCG: powernv9, powernv10, pseries nested HV and PAPR)"
 bash tests/lab/run.sh
+
+step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, smoke)"
+bash qemu-patches/check
 
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
 fuzz_ready=true
