@@ -57,6 +57,34 @@ fn sidecar_binary() -> Result<PathBuf, Error> {
     Ok(binary)
 }
 
+/// Where the processes run. On a virtual machine a wake-up across CPUs costs more than the
+/// work measured, and the scheduler places a single-threaded echo process and the multithreaded
+/// daemon differently; so every figure is measured with a fixed placement, printed with it:
+/// `BENCH_PLACEMENT=same` (default) runs everything on CPU 0; `split` runs this program on
+/// CPU 0 and the daemon and the echo process on CPU 1.
+fn placement() -> &'static str {
+    match std::env::var("BENCH_PLACEMENT").as_deref() {
+        Ok("split") => "split",
+        _ => "same",
+    }
+}
+
+/// A server process (the daemon, the echo), on the CPU the placement gives servers.
+fn server_command(program: &Path) -> Command {
+    let cpu = if placement() == "split" { "1" } else { "0" };
+    let mut command = Command::new("taskset");
+    command.args(["-c", cpu]).arg(program);
+    command
+}
+
+/// Pins this program (and the threads it starts) to CPU 0.
+fn pin_self() -> Result<(), Error> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(0);
+    rustix::thread::sched_setaffinity(None, &set)?;
+    Ok(())
+}
+
 struct Sidecar {
     child: Child,
     socket: PathBuf,
@@ -69,7 +97,7 @@ impl Sidecar {
         let dir = std::env::temp_dir().join(format!("tce-sidecar-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("s.sock");
-        let child = Command::new(sidecar_binary()?)
+        let child = server_command(&sidecar_binary()?)
             .args([
                 "--kernel",
                 "model",
@@ -206,7 +234,7 @@ struct Echo {
 impl Echo {
     fn start(request: usize, reply: usize) -> Result<Self, Error> {
         let (sock, theirs) = UnixStream::pair()?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = server_command(&std::env::current_exe()?)
             .args(["echo", &request.to_string(), &reply.to_string()])
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .spawn()?;
@@ -565,9 +593,11 @@ fn main() -> Result<(), Error> {
         return echo(&only[1..]);
     }
     println!(
-        "machine: {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "machine: {} cores; placement {} (BENCH_PLACEMENT)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        placement()
     );
+    pin_self()?;
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let sidecar = Arc::new(Sidecar::start()?);
     if wanted("p1") {

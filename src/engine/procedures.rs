@@ -831,8 +831,8 @@ impl TceUpdateProc {
             }
             return Ok(ops);
         }
-        let values = match (&self.update.entries, &self.values) {
-            (TceEntries::Inline(v), _) | (TceEntries::Shared, Some(v)) => v.clone(),
+        let values = match (&mut self.update.entries, &mut self.values) {
+            (TceEntries::Inline(v), _) | (TceEntries::Shared, Some(v)) => std::mem::take(v),
             (TceEntries::Shared, None) | (TceEntries::Stuff(_), _) => Vec::new(),
         };
         // Validate every entry before making any call, as H_PUT_TCE_INDIRECT does.

@@ -314,16 +314,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             w.u32(*container_id).u32(flags).u32(table).u32(0);
         }
         Request::TceUpdate(u) => {
-            let source = match u.entries {
-                TceEntries::Shared => TCE_SOURCE_SHARED,
-                TceEntries::Inline(_) => TCE_SOURCE_INLINE,
-                TceEntries::Stuff(_) => TCE_SOURCE_STUFF,
-            };
-            w.u32(u.table_id)
-                .u32(source)
-                .u64(u.first_index)
-                .u32(u.count)
-                .u32(0);
+            w.0.extend_from_slice(&encode_tce_fixed(u));
             match &u.entries {
                 TceEntries::Shared => {}
                 TceEntries::Inline(v) => v.iter().for_each(|e| {
@@ -355,6 +346,21 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         }
     }
     w.0
+}
+
+/// The fixed part of a TCE update (everything but the entries).
+fn encode_tce_fixed(u: &TceUpdate) -> [u8; TCE_UPDATE_FIXED] {
+    let source = match u.entries {
+        TceEntries::Shared => TCE_SOURCE_SHARED,
+        TceEntries::Inline(_) => TCE_SOURCE_INLINE,
+        TceEntries::Stuff(_) => TCE_SOURCE_STUFF,
+    };
+    let mut out = [0u8; TCE_UPDATE_FIXED];
+    out[0..4].copy_from_slice(&u.table_id.to_le_bytes());
+    out[4..8].copy_from_slice(&source.to_le_bytes());
+    out[8..16].copy_from_slice(&u.first_index.to_le_bytes());
+    out[16..20].copy_from_slice(&u.count.to_le_bytes());
+    out
 }
 
 /// The payload size a request code requires, given the fixed part already read where the size
@@ -466,8 +472,13 @@ pub fn decode_request(
     let request =
         parse_request(code, payload).map_err(|kind| DecodeError::new(header.request, kind))?;
     // Canonical form: re-encoding must give back the same bytes, so every reserved and unused
-    // field was zero and nothing was ignored.
-    if encode_request(&request) != payload {
+    // field was zero and nothing was ignored. A TCE update's entries are any u64s, so only its
+    // fixed part is re-encoded (its size check already covered the entries).
+    let canonical = match &request {
+        Request::TceUpdate(u) => encode_tce_fixed(u) == payload[..TCE_UPDATE_FIXED],
+        _ => encode_request(&request) == payload,
+    };
+    if !canonical {
         return fail(DecodeErrorKind::NonCanonical { what: code.name() });
     }
     Ok(Incoming {
