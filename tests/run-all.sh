@@ -35,7 +35,7 @@ rm -f "$demo_out"
 step "real-kernel lab (Linux ppc64le under QEMU TCG: powernv9, powernv10, pseries nested HV and PAPR)"
 bash tests/lab/run.sh
 
-step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, smoke)"
+step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, ppc64 qtests, smoke)"
 bash qemu-patches/check
 
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
