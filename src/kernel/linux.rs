@@ -148,28 +148,20 @@ impl Kernel for Linux {
                 region,
                 offset,
                 size,
-            } => {
-                let vaddr = address_in(objects, region, offset, size)?;
-                prereg(
-                    self.container(container)?,
-                    Ioctl::VFIO_IOMMU_SPAPR_REGISTER_MEMORY,
-                    vaddr,
-                    size,
-                )
             }
-            KernelOp::UnregisterMemory {
+            | KernelOp::UnregisterMemory {
                 container,
                 region,
                 offset,
                 size,
             } => {
+                let request = if matches!(op, KernelOp::RegisterMemory { .. }) {
+                    Ioctl::VFIO_IOMMU_SPAPR_REGISTER_MEMORY
+                } else {
+                    Ioctl::VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY
+                };
                 let vaddr = address_in(objects, region, offset, size)?;
-                prereg(
-                    self.container(container)?,
-                    Ioctl::VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY,
-                    vaddr,
-                    size,
-                )
+                prereg(self.container(container)?, request, vaddr, size)
             }
             KernelOp::TceCreate {
                 container,

@@ -302,64 +302,23 @@ impl Output {
     }
 
     /// The four output words of an [`OpResult`] of `kind` carrying this output. Fails when the
-    /// output is not the one `kind` produces.
+    /// output is not the one `kind` produces: [`Output::from_out`] is the one mapping between
+    /// kinds and outputs, so the words must decode back to this output.
     pub fn to_out(&self, kind: OpKind) -> Result<[u64; 4], OutputError> {
-        let mismatch = OutputError::Mismatch {
-            kind,
-            output: self.name(),
+        let words = match self {
+            Self::Done => Some([0; 4]),
+            Self::ApiVersion(v) | Self::Value(v) => Some([u64::from(*v), 0, 0, 0]),
+            Self::TceInfo(info) => Some(info.to_out()),
+            Self::StartAddr(a) | Self::Unmapped(a) => Some([*a, 0, 0, 0]),
+            // Outputs of calls that never travel as owner operations.
+            Self::GroupStatus(_) | Self::Tces(_) => None,
         };
-        match (kind, self) {
-            (OpKind::ContainerOpen, Self::ApiVersion(v))
-            | (OpKind::CheckExtension | OpKind::EehPeOp, Self::Value(v)) => {
-                Ok([u64::from(*v), 0, 0, 0])
-            }
-            (OpKind::TceGetInfo, Self::TceInfo(info)) => Ok(info.to_out()),
-            (OpKind::TceCreate, Self::StartAddr(a)) | (OpKind::UnmapDma, Self::Unmapped(a)) => {
-                Ok([*a, 0, 0, 0])
-            }
-            (
-                OpKind::ContainerClose
-                | OpKind::SetIommu
-                | OpKind::GroupSetContainer
-                | OpKind::GroupUnsetContainer
-                | OpKind::RegisterMemory
-                | OpKind::UnregisterMemory
-                | OpKind::TceRemove
-                | OpKind::MapDma
-                | OpKind::KvmFileAdd
-                | OpKind::KvmFileDel
-                | OpKind::KvmSetSpaprTce
-                | OpKind::KvmHasDeviceAttr,
-                Self::Done,
-            ) => Ok([0; 4]),
-            (
-                OpKind::ContainerOpen
-                | OpKind::ContainerClose
-                | OpKind::CheckExtension
-                | OpKind::SetIommu
-                | OpKind::GroupSetContainer
-                | OpKind::GroupUnsetContainer
-                | OpKind::TceGetInfo
-                | OpKind::RegisterMemory
-                | OpKind::UnregisterMemory
-                | OpKind::TceCreate
-                | OpKind::TceRemove
-                | OpKind::MapDma
-                | OpKind::UnmapDma
-                | OpKind::EehPeOp
-                | OpKind::KvmFileAdd
-                | OpKind::KvmFileDel
-                | OpKind::KvmSetSpaprTce
-                | OpKind::KvmHasDeviceAttr,
-                Self::Done
-                | Self::ApiVersion(_)
-                | Self::Value(_)
-                | Self::GroupStatus(_)
-                | Self::TceInfo(_)
-                | Self::StartAddr(_)
-                | Self::Unmapped(_)
-                | Self::Tces(_),
-            ) => Err(mismatch),
+        match words {
+            Some(words) if Self::from_out(kind, words).as_ref() == Ok(self) => Ok(words),
+            _ => Err(OutputError::Mismatch {
+                kind,
+                output: self.name(),
+            }),
         }
     }
 
