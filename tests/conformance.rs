@@ -542,16 +542,18 @@ fn broken_frames_connection_closed_without_reply() {
 fn open_transaction_busy_for_other_requests_until_ops_result() {
     let sidecar = Sidecar::start("c-busy", &[]);
     let conn = Conn::open(&sidecar);
-    conn.handshake(ISOLATED);
-    // In isolated mode GROUP_ADD first asks the front-end for KVM_FILE_ADD. The sidecar does
-    // not touch the group fd before the answer, so any fd opens the transaction.
+    conn.handshake(ACCELERATED);
+    // In accelerated mode GROUP_ADD first asks the front-end to open the container and attach
+    // the group. The sidecar does not touch the group fd, so any fd opens the transaction.
     let fd = memfd(4096);
     let reply = conn.call_fds(GROUP_ADD, &group_add(1, 0, 1), &[fd.as_fd()]);
     assert_eq!((reply.status, reply.flags), (0, OPS));
     let transaction = reply.transaction;
-    assert_eq!(reply.ops.len(), 1);
-    let op = reply.ops[0];
-    assert_eq!((op.kind, op.object), (KVM_FILE_ADD, 1));
+    assert_eq!(
+        kinds(&reply.ops),
+        [CONTAINER_OPEN, GROUP_SET_CONTAINER, SET_IOMMU, TCE_GET_INFO]
+    );
+    assert_eq!(reply.ops[1].object, 1);
 
     conn.call(WINDOW_QUERY, &id(0)).error(EBUSY);
     conn.call(SET_FEATURES, &Le::default().u64(ISOLATED).bytes())
@@ -587,14 +589,14 @@ fn open_transaction_busy_for_other_requests_until_ops_result() {
         results.iter().for_each(|r| p.extend_from_slice(r));
         p
     };
-    // Wrong transaction id, wrong shape (two results for one op), wrong kind: -EINVAL, and the
-    // transaction stays open.
+    // Wrong transaction id, wrong shape (two results, both successes, for four ops), wrong
+    // kind: -EINVAL, and the transaction stays open.
     conn.call(
         OPS_RESULT,
-        &ops_result(transaction + 1, &[result(KVM_FILE_ADD, 0)]),
+        &ops_result(transaction + 1, &[result(CONTAINER_OPEN, 0)]),
     )
     .error(EINVAL);
-    let two = [result(KVM_FILE_ADD, 0), result(KVM_FILE_ADD, 0)];
+    let two = [result(CONTAINER_OPEN, 0), result(GROUP_SET_CONTAINER, 0)];
     conn.call(OPS_RESULT, &ops_result(transaction, &two))
         .error(EINVAL);
     conn.call(
@@ -606,15 +608,15 @@ fn open_transaction_busy_for_other_requests_until_ops_result() {
     // The front-end refuses the operation: nothing to undo, the request fails with its errno.
     let reply = conn.call(
         OPS_RESULT,
-        &ops_result(transaction, &[result(KVM_FILE_ADD, -EPERM)]),
+        &ops_result(transaction, &[result(CONTAINER_OPEN, -EPERM)]),
     );
     reply.error(EPERM);
-    assert!(reply.text.contains("KVM_FILE_ADD"), "{}", reply.text);
+    assert!(reply.text.contains("CONTAINER_OPEN"), "{}", reply.text);
     // Ready again, with nothing registered.
     conn.call(WINDOW_QUERY, &id(0)).error(ENOENT);
     conn.call(
         OPS_RESULT,
-        &ops_result(transaction, &[result(KVM_FILE_ADD, 0)]),
+        &ops_result(transaction, &[result(CONTAINER_OPEN, 0)]),
     )
     .error(EPROTO);
     assert_eq!(
@@ -894,14 +896,13 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     assert_eq!(
         batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
         [
-            vec![KVM_FILE_ADD],
             vec![CONTAINER_OPEN, GROUP_SET_CONTAINER, SET_IOMMU, TCE_GET_INFO],
             vec![REGISTER_MEMORY, TCE_REMOVE],
         ]
     );
-    assert_eq!(batches[1][2].aux, 7, "VFIO_SPAPR_TCE_v2_IOMMU");
+    assert_eq!(batches[0][2].aux, 7, "VFIO_SPAPR_TCE_v2_IOMMU");
     assert_eq!(
-        batches[2][0].args[..2],
+        batches[1][0].args[..2],
         [0, RAM],
         "all of region 0 registered"
     );
@@ -914,7 +915,8 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
         (0, 0)
     );
 
-    // A KVM TCE table and its window: TCE_CREATE by the front-end, then KVM learns the table.
+    // A KVM TCE table and its window: TCE_CREATE by the front-end, then the group file joins the
+    // kvm-vfio device and KVM learns the table.
     let table = vm.vm.kvm_table(u64::from(LIOBN), 12, 0, ENTRIES).unwrap();
     vm.objects
         .tables
@@ -933,9 +935,10 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     let last = last.ok();
     assert_eq!(
         batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
-        [vec![TCE_CREATE], vec![KVM_SET_SPAPR_TCE]]
+        [vec![TCE_CREATE], vec![KVM_FILE_ADD, KVM_SET_SPAPR_TCE]]
     );
-    assert_eq!((batches[1][0].object, batches[1][0].aux), (1, 1));
+    assert_eq!(batches[1][0].object, 1);
+    assert_eq!((batches[1][1].object, batches[1][1].aux), (1, 1));
     assert_eq!(
         le_u64(&last.body, 0),
         0,
@@ -943,8 +946,9 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     );
     assert_eq!(le_u32(&last.body, 8), 12);
 
-    // A second group whose attach the front-end refuses: the transaction rolls back its
-    // KVM_FILE_ADD and the request fails with the front-end's errno.
+    // A second group whose attach the front-end refuses: nothing to roll back (its file would
+    // join the kvm-vfio device only with the association) and the request fails with the
+    // front-end's errno.
     let group2 = vm.group_fd(2, 2);
     let reply = conn.call_fds(GROUP_ADD, &group_add(2, 0, 2), &[group2.as_fd()]);
     let (last, batches) = vm.run(&conn, reply, Some(GROUP_SET_CONTAINER));
@@ -952,11 +956,7 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     assert!(last.text.contains("GROUP_SET_CONTAINER"), "{}", last.text);
     assert_eq!(
         batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
-        [
-            vec![KVM_FILE_ADD],
-            vec![GROUP_SET_CONTAINER],
-            vec![KVM_FILE_DEL]
-        ]
+        [vec![GROUP_SET_CONTAINER]]
     );
     // EEH was not negotiated in this session.
     conn.call(EEH_OP, &eeh(1)).error(ENOTSUP);
@@ -980,15 +980,13 @@ fn isolated_session_every_request_type_on_the_model() {
     let mem_add = vm.mem_add();
     conn.call_fds(MEM_ADD, &mem_add, &[vm.vm.ram()[0].memfd.as_fd()])
         .ok();
-    // GROUP_ADD: only KVM_FILE_ADD is the front-end's; the sidecar does the rest itself.
+    // GROUP_ADD: the sidecar does it all itself; no table will ever be associated in KVM, so
+    // the group file does not join the kvm-vfio device either.
     let group = vm.group_fd(1, 1);
     let reply = conn.call_fds(GROUP_ADD, &group_add(1, 0, 1), &[group.as_fd()]);
     let (last, batches) = vm.run(&conn, reply, None);
     last.ok();
-    assert_eq!(
-        batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
-        [vec![KVM_FILE_ADD]]
-    );
+    assert!(batches.is_empty(), "{batches:?}");
     let sidecar_mm = model.mm_stats(Some(sidecar.pid())).unwrap();
     assert_eq!(
         sidecar_mm.pinned_pages << 12,
@@ -1078,15 +1076,12 @@ fn isolated_session_every_request_type_on_the_model() {
     conn.call(WINDOW_REMOVE, &id(1)).ok();
     conn.call(TABLE_REMOVE, &id(1)).ok();
 
-    // GROUP_REMOVE of the last group: the front-end's KVM_FILE_DEL, then the sidecar unregisters
-    // and closes the container.
+    // GROUP_REMOVE of the last group: the sidecar unregisters and closes the container; the
+    // front-end has nothing to do.
     let reply = conn.call(GROUP_REMOVE, &id(1));
     let (last, batches) = vm.run(&conn, reply, None);
     last.ok();
-    assert_eq!(
-        batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
-        [vec![KVM_FILE_DEL]]
-    );
+    assert!(batches.is_empty(), "{batches:?}");
     let sidecar_mm = model.mm_stats(Some(sidecar.pid())).unwrap();
     assert_eq!((sidecar_mm.pinned_pages, sidecar_mm.prereg_regions), (0, 0));
     // MEM_REMOVE must repeat MEM_ADD's fields.

@@ -268,15 +268,21 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
         "the survivor's RAM is pinned by the sidecar"
     );
 
-    let mut victim = FrontEnd::set_up(&sidecar, OwnershipMode::Isolated, 2);
-    assert!(!victim.guest_put_tce(3, 7));
+    // Only accelerated sessions give the front-end owner operations, so the victim is one: its
+    // own process pins its RAM and KVM maps its guest's TCEs.
+    let mut victim = FrontEnd::set_up(&sidecar, OwnershipMode::Accelerated, 2);
+    assert!(victim.guest_put_tce(3, 7), "completed in the kernel");
     let model = sidecar.model();
-    assert_eq!(victim.entry_mm(&model, 3), Some(Mm(sidecar.pid())));
-    let with_victim = sidecar_mm(&sidecar);
-    assert_eq!(with_victim.1, 2 * baseline.1, "both sessions' RAM pinned");
+    let victim_mm = Mm(std::process::id());
+    assert_eq!(victim.entry_mm(&model, 3), Some(victim_mm));
+    assert_eq!(
+        sidecar_mm(&sidecar),
+        baseline,
+        "the victim pins nothing in the daemon"
+    );
 
     // A raw GROUP_ADD of a second group: the reply opens a transaction with the front-end's
-    // KVM_FILE_ADD, which the victim never answers.
+    // GROUP_SET_CONTAINER, which the victim never answers.
     let group = victim.vm.open_group(3).unwrap();
     let request = Request::GroupAdd(GroupDesc {
         group_id: 2,
@@ -298,7 +304,7 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
     assert_ne!(reply.transaction, 0);
     assert_eq!(
         reply.ops.iter().map(|op| op.kind()).collect::<Vec<_>>(),
-        [OpKind::KvmFileAdd]
+        [OpKind::GroupSetContainer]
     );
     let victim_id = {
         let status = sidecar.status();
@@ -319,13 +325,12 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
             .any(|s| s["id"] == victim_id)
     });
 
-    // Teardown unmapped the victim's window, unregistered its RAM and closed its container:
-    // the daemon's mm is back to what the survivor alone holds, and the victim's group maps
-    // nothing.
+    // The daemon's mm is still what the survivor alone holds; the victim's container and its
+    // mappings are its own process's until that process exits.
     assert_eq!(sidecar_mm(&sidecar), baseline);
     assert_eq!(
         model.iommu_entry(2, 3 << PAGE_SHIFT).unwrap().map(|e| e.mm),
-        None
+        Some(victim_mm)
     );
     let log = sidecar.log();
     let victim_id = victim_id.as_u64().unwrap();

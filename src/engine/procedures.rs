@@ -634,10 +634,7 @@ impl WindowCreate {
                     .filter(|(_, g)| g.container == container && g.attached);
                 Ok(Some(
                     groups
-                        .map(|(id, _)| KernelOp::KvmSetSpaprTce {
-                            group: *id,
-                            table: self.table,
-                        })
+                        .flat_map(|(id, _)| associate_ops(state, *id, &[self.table]))
                         .collect(),
                 ))
             }
@@ -683,11 +680,32 @@ impl WindowCreate {
     }
 }
 
+/// Calls that associate `group` with `tables` in KVM (accelerated mode), adding the group file
+/// to the kvm-vfio device first if it is not there. The file is added only here, right before
+/// its first SET_SPAPR_TCE: Linux warns (`kvm_spapr_tce_release_vfio_group`) when the device
+/// lets go of a file that never had one, and on POWER the file serves nothing else.
+fn associate_ops(state: &State, group: GroupId, tables: &[TableId]) -> Vec<KernelOp> {
+    if tables.is_empty() {
+        return Vec::new();
+    }
+    let added = state.groups.get(&group).is_some_and(|g| g.file_added);
+    let mut ops = Vec::new();
+    if !added {
+        ops.push(KernelOp::KvmFileAdd { group });
+    }
+    ops.extend(
+        tables
+            .iter()
+            .map(|t| KernelOp::KvmSetSpaprTce { group, table: *t }),
+    );
+    ops
+}
+
 /// Calls that end KVM's association of `table` with every group: there is no call for one
 /// association, so each associated group is deleted from the kvm-vfio device (releasing the
-/// associations with its current tables), added back, and associated again with its other
-/// tables. Needed before the table's hardware window goes: KVM keeps programming a removed
-/// hardware table, and the pages it maps there are never unpinned.
+/// associations with its current tables) and, if it has other tables, added back and
+/// associated again with them. Needed before the table's hardware window goes: KVM keeps
+/// programming a removed hardware table, and the pages it maps there are never unpinned.
 pub fn sever_ops(state: &State, table: TableId) -> Vec<KernelOp> {
     let mut ops = Vec::new();
     for (id, g) in &state.groups {
@@ -695,13 +713,19 @@ pub fn sever_ops(state: &State, table: TableId) -> Vec<KernelOp> {
             continue;
         }
         ops.push(KernelOp::KvmFileDel { group: *id });
-        ops.push(KernelOp::KvmFileAdd { group: *id });
-        ops.extend(g.associations.iter().filter(|t| **t != table).map(|t| {
-            KernelOp::KvmSetSpaprTce {
+        let others: Vec<TableId> = g
+            .associations
+            .iter()
+            .filter(|t| **t != table)
+            .copied()
+            .collect();
+        if !others.is_empty() {
+            ops.push(KernelOp::KvmFileAdd { group: *id });
+            ops.extend(others.iter().map(|t| KernelOp::KvmSetSpaprTce {
                 group: *id,
                 table: *t,
-            }
-        }));
+            }));
+        }
     }
     ops
 }
@@ -1013,10 +1037,9 @@ impl Procedure {
                 let (group, container) = (*group, *container);
                 *stage += 1;
                 Ok(match *stage {
-                    // FILE_ADD first: drivers that need KVM in open_device expect it before the
-                    // device is used, and it is the front-end's call in both modes.
-                    1 => Some(vec![KernelOp::KvmFileAdd { group }]),
-                    2 => {
+                    // No FILE_ADD yet: a group file is added to the kvm-vfio device only to be
+                    // associated (see `associate_ops`).
+                    1 => {
                         let open = state.containers.get(&container).is_some_and(|c| c.open);
                         *new_container = !open;
                         let attach = KernelOp::GroupSetContainer { container, group };
@@ -1034,7 +1057,7 @@ impl Procedure {
                             ]
                         })
                     }
-                    3 if *new_container => {
+                    2 if *new_container => {
                         // Pre-register all guest RAM, then drop the default window: windows are
                         // created from the guest's tables (WINDOW_CREATE), as QEMU does.
                         let mut ops = register_ops(state, container, true);
@@ -1047,18 +1070,21 @@ impl Procedure {
                         ));
                         Some(ops)
                     }
-                    3 => Some(match mode {
+                    2 => Some(match mode {
                         // The kernel sets existing windows on the new group; KVM must learn of
                         // them too.
-                        OwnershipMode::Accelerated => state
-                            .tables
-                            .keys()
-                            .filter(|t| {
-                                state.window_of(**t).is_some()
-                                    && state.tables[t].desc.container_id == container.0
-                            })
-                            .map(|t| KernelOp::KvmSetSpaprTce { group, table: *t })
-                            .collect(),
+                        OwnershipMode::Accelerated => {
+                            let tables: Vec<TableId> = state
+                                .tables
+                                .keys()
+                                .filter(|t| {
+                                    state.window_of(**t).is_some()
+                                        && state.tables[t].desc.container_id == container.0
+                                })
+                                .copied()
+                                .collect();
+                            associate_ops(state, group, &tables)
+                        }
                         OwnershipMode::Isolated => Vec::new(),
                     }),
                     _ => None,

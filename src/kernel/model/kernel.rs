@@ -253,6 +253,8 @@ pub struct ModelKernel {
     pub(super) hw_tables: BTreeMap<HwTableId, HwTable>,
     /// Table memory charged by VFIO for each window it created, and to which mm.
     pub(super) table_pages: BTreeMap<HwTableId, (Mm, u64)>,
+    /// Kernel warnings issued (`WARN_ON_ONCE` in Linux, counted here every time).
+    pub(super) warnings: Vec<&'static str>,
     store_factory: StoreFactory,
 }
 
@@ -275,6 +277,7 @@ impl ModelKernel {
             containers: BTreeMap::new(),
             hw_tables: BTreeMap::new(),
             table_pages: BTreeMap::new(),
+            warnings: Vec::new(),
             store_factory: Box::new(move |_bytes| Ok(Box::new(PagedTceStore::new(page_size)))),
         }
     }
@@ -373,6 +376,11 @@ impl ModelKernel {
     }
 
     /// Locked memory and pinned pages of `mm`.
+    /// The kernel warnings issued so far, by the function that issued them.
+    pub fn warnings(&self) -> &[&'static str] {
+        &self.warnings
+    }
+
     pub fn mm_stats(&self, mm: Mm) -> MmStats {
         self.mms
             .get(&mm)

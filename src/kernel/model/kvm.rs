@@ -458,8 +458,12 @@ impl ModelKernel {
     }
 
     fn kvm_vfio_drop_file(&mut self, vm: VmId, kvf: KvmVfioFile) {
-        if let Some(no) = kvf.iommu_group {
-            self.kvm_spapr_tce_release_iommu_group(vm, no);
+        match kvf.iommu_group {
+            Some(no) => self.kvm_spapr_tce_release_iommu_group(vm, no),
+            // kvm_spapr_tce_release_vfio_group() warns about a file that never had
+            // SET_SPAPR_TCE (seen in the lab with Linux 6.12, virt/kvm/vfio.c:103); harmless,
+            // but it taints the kernel, so callers must not add files they will not associate.
+            None => self.warnings.push("kvm_spapr_tce_release_vfio_group"),
         }
         if let Some(Obj::Group(no)) = self.obj(kvf.file) {
             if let Some(g) = self.groups.get_mut(&no) {

@@ -2527,3 +2527,39 @@ fn hcall_numbers_match_papr_and_kvm_enable_hcall_accepts_them() {
         .iter()
         .all(|h| h % 4 == 0));
 }
+
+/// Linux 6.12 warns (virt/kvm/vfio.c:103, seen in the nested lab) when the kvm-vfio device lets
+/// go of a group file that never had SET_SPAPR_TCE, by FILE_DEL or when the device is released.
+/// A file whose SET_SPAPR_TCE was tried, even if refused, goes quietly.
+#[test]
+fn kvm_vfio_warns_for_a_file_never_associated() {
+    let mut f = Fx::windowed(QEMU);
+    let dev = f.dev();
+    f.k.kvm_vfio_file_del(QEMU, dev, FileArg::File(f.group))
+        .unwrap();
+    assert_eq!(f.k.warnings(), ["kvm_spapr_tce_release_vfio_group"]);
+
+    // Released with the device (the VM process exits).
+    f.k.kvm_vfio_file_add(QEMU, dev, FileArg::File(f.group))
+        .unwrap();
+    f.k.close(dev).unwrap();
+    assert_eq!(f.k.warnings().len(), 2);
+
+    let mut f = Fx::associated(QEMU);
+    let dev = f.dev();
+    f.k.kvm_vfio_file_del(QEMU, dev, FileArg::File(f.group))
+        .unwrap();
+    f.k.close(dev).unwrap();
+    assert!(f.k.warnings().is_empty());
+
+    // A refused association still records the group, as kvm_vfio_file_set_spapr_tce() does.
+    let mut f = Fx::windowed(QEMU);
+    let dev = f.dev();
+    let foreign = FileArg::File(f.container);
+    assert!(f
+        .set_spapr_tce(QEMU, FileArg::File(f.group), foreign)
+        .is_err());
+    f.k.kvm_vfio_file_del(QEMU, dev, FileArg::File(f.group))
+        .unwrap();
+    assert!(f.k.warnings().is_empty());
+}
