@@ -38,6 +38,9 @@ bash tests/lab/run.sh
 step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, ppc64 qtests, smoke)"
 bash qemu-patches/check
 
+step "end to end (patched QEMU + tce-sidecar + KVM guest with a passed-through NIC, nested in powernv9)"
+bash tests/lab/nested.sh
+
 step "fuzz targets (cargo fuzz, ${FUZZ_SECONDS:=30} s each)"
 fuzz_ready=true
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

@@ -1,0 +1,126 @@
+#!/bin/sh
+# init of L1 in tests/lab/nested.sh: the emulated POWER9 host. Binds the e1000e to vfio-pci, then
+# for each mode runs the real tce-sidecar and the patched QEMU, whose KVM guest (L2) downloads a
+# file through the passed-through NIC, and prints one `NESTED mode=… result=…` line.
+export PATH=/bin LD_LIBRARY_PATH=/qemu/lib
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+PORT=$(arg NESTED_PORT)
+BYTES=$(arg NESTED_BYTES)
+echo "L1: kernel $(cat /proc/sys/kernel/osrelease)"
+for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L1: insmod $m failed"; done
+dev=""
+for d in /sys/bus/pci/devices/*; do
+    case "$(cat $d/vendor):$(cat $d/device)" in 0x8086:0x10d3) dev=$d ;; esac
+done
+B=$(basename "$dev")
+[ -e $dev/driver ] && echo $B >$dev/driver/unbind
+echo vfio-pci >$dev/driver_override
+echo $B >/sys/bus/pci/drivers_probe
+echo "L1: $B bound to $(basename $(readlink $dev/driver)), group $(basename $(readlink $dev/iommu_group))"
+CAPS=cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off,cap-hpt-max-page-size=4096
+
+# wait_for PATTERN FILE SECONDS
+wait_for() {
+    i=0
+    while ! grep -q "$1" "$2" 2>/dev/null; do
+        [ $i -ge $3 ] && return 1
+        sleep 1
+        i=$((i + 1))
+    done
+}
+vmlck() { awk '/^VmLck:/ { print $2 }' /proc/$1/status; }
+count() { grep -c -E "^($1)" /tmp/q.log; }
+status_field() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" /tmp/status.json | head -n1; }
+
+start_sidecar() {
+    rm -f /tmp/sc.sock
+    /tce-sidecar --socket-path /tmp/sc.sock >>/tmp/sc.log 2>&1 &
+    sc=$!
+    i=0
+    while [ ! -S /tmp/sc.sock ] && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
+}
+
+# run_mode NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
+run_mode() {
+    name=$1
+    mode=$2
+    guest_args=$3
+    : >/tmp/l2.log
+    : >/tmp/sc.log
+    start_sidecar
+    /qemu/bin/qemu-system-ppc64 -L /qemu/share \
+        -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
+        -object memory-backend-memfd,id=ram0,size=256M,share=on \
+        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$mode \
+        -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
+        -kernel /l2/vmlinux -initrd /l2/initrd.gz \
+        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $guest_args" \
+        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 \
+        -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
+        -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
+        -trace 'spapr_iommu_pci_stuff' -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*' \
+        >/tmp/q.log 2>&1 &
+    qp=$!
+    why=""
+    wait_for L2-DONE /tmp/l2.log 600 || why="L2 did not finish"
+    /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+    lck_qemu=$(vmlck $qp)
+    lck_sidecar=$(vmlck $sc)
+    kill $qp
+    wait $qp
+    kill $sc
+    wait $sc
+    transfer=$(grep -m1 '^L2-TRANSFER name=first ' /tmp/l2.log | tr -d '\r')
+    got=$(echo "$transfer" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p')
+    secs=$(echo "$transfer" | sed -n 's/.* seconds=\([0-9.]*\).*/\1/p')
+    rate=$(awk -v b="${got:-0}" -v s="${secs:-0}" 'BEGIN { if (s > 0) printf "%d", b / 1024 / s; else print 0 }')
+    fallbacks=$(count 'spapr_iommu_(pci_)?(put|indirect|stuff) ')
+    qemu_updates=$(count 'vfio_sidecar_tce_update ')
+    windows=$(count 'vfio_sidecar_window_create ')
+    sc_updates=$(status_field updates_forwarded)
+    sc_maps=$(status_field maps)
+    [ "$got" = "$BYTES" ] || why="${why:+$why; }L2 received ${got:-nothing} of $BYTES bytes"
+    [ "$qemu_updates" = "${sc_updates:-x}" ] ||
+        why="${why:+$why; }QEMU forwarded $qemu_updates updates, the sidecar counted ${sc_updates:-none}"
+    case $guest_args in
+    *disable_ddw*) want_windows=1 ;;
+    *) want_windows=2 ;;
+    esac
+    [ "$windows" -ge $want_windows ] ||
+        why="${why:+$why; }$windows windows created through the sidecar, expected $want_windows"
+    if [ $mode = accelerated ]; then
+        # the guest's TCE hypercalls complete in L1's KVM; only H_TOO_HARD ones reach QEMU
+        [ "$fallbacks" -le 16 ] || why="${why:+$why; }$fallbacks hypercalls reached QEMU"
+        [ "${lck_qemu:-0}" -ge 262144 ] || why="${why:+$why; }QEMU VmLck ${lck_qemu} kB < guest RAM"
+    else
+        # every TCE hypercall exits to QEMU and is forwarded; the sidecar pins guest RAM
+        [ "$fallbacks" -ge 1 ] || why="${why:+$why; }no hypercall reached QEMU"
+        [ "${lck_sidecar:-0}" -ge 262144 ] || why="${why:+$why; }sidecar VmLck ${lck_sidecar} kB < guest RAM"
+        [ "${lck_qemu:-0}" -lt 262144 ] || why="${why:+$why; }QEMU VmLck ${lck_qemu} kB holds guest RAM"
+    fi
+    result=PASS
+    [ -n "$why" ] && result=FAIL
+    echo "NESTED mode=$name result=$result bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none}${why:+ why=\"$why\"}"
+    if [ $result = FAIL ]; then
+        echo "--- L1 QEMU log ($name)"
+        grep -v -E '^spapr_iommu_' /tmp/q.log | tail -n 60
+        echo "--- L2 console ($name)"
+        tail -n 60 /tmp/l2.log
+        echo "--- sidecar ($name)"
+        cat /tmp/sc.log /tmp/status.json
+    fi
+}
+
+# The guest maps every DMA buffer with H_PUT_TCE in its default 4K window (disable_ddw): the
+# hypercalls the seed moved into the kernel. Then once with the guest's 64-bit DDW (created
+# through ibm,create-pe-dma-window and the sidecar), which Linux maps all at once.
+run_mode accelerated accelerated disable_ddw
+run_mode isolated isolated disable_ddw
+run_mode accelerated-ddw accelerated ""
+dmesg | grep -iE 'vfio|kvm|iommu|warn|bug' | tail -n 20
+echo o >/proc/sysrq-trigger
+poweroff -f

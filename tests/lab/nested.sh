@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# The end-to-end lab: the patched QEMU of qemu-patches/, the real tce-sidecar and a KVM guest with
+# a passed-through NIC, on a real Linux kernel.
+#
+#   L0  this machine's qemu-system-ppc64 -M powernv9 (TCG), an e1000e on -netdev user
+#   L1  the Debian ppc64el 6.12 kernel; kvm-hv, vfio-pci; the e1000e bound to vfio-pci; the static
+#       ppc64le tce-sidecar and the cross-built patched QEMU (qemu-patches/check builds it)
+#   L2  a KVM-HV pseries guest started by that QEMU with
+#         -object spapr-tce-sidecar,mode=M -device vfio-pci,host=…,spapr-tce-sidecar=…
+#       which loads e1000e and downloads a file over HTTP from a server on this machine, so the
+#       NIC's DMA goes through the guest's TCE tables.
+#
+# Output: one line per mode, `NESTED mode=<m> result=<PASS|FAIL> …` with the counts, the
+# throughput ratio accelerated/isolated, and the full console log when a line fails. Exits non-zero
+# if any line FAILs; exits 0 after one "SKIP: ..." line if a part cannot be set up here.
+#
+# Environment: NESTED_TIMEOUT (seconds for the L0 run, default 900), NESTED_MIB (download size,
+# default 8), TCE_LAB_CACHE (tests/lab/setup.sh), TCE_SIDECAR_QEMU_CACHE (qemu-patches/check).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+TIMEOUT=${NESTED_TIMEOUT:-900}
+MIB=${NESTED_MIB:-8}
+TARGET=powerpc64le-unknown-linux-gnu
+CACHE=${TCE_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-lab}
+QCACHE=${TCE_SIDECAR_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-qemu}/10.0.13
+QEMU_L1=$QCACHE/qemu/build-ppc64le/qemu-system-ppc64
+SYSROOT=$QCACHE/ppc64el/sysroot
+start=$(date +%s)
+
+setup_out=$(bash tests/lab/setup.sh) || {
+    echo "$setup_out"
+    echo "nested: setup failed" >&2
+    exit 1
+}
+if grep -q '^SKIP:' <<<"$setup_out"; then
+    echo "$setup_out"
+    exit 0
+fi
+# shellcheck disable=SC1091
+. "$CACHE/lab.env"
+
+if [ ! -x "$QEMU_L1" ] || [ ! -d "$SYSROOT" ]; then
+    echo "SKIP: nested lab (no ppc64le build of the patched QEMU in $QCACHE: qemu-patches/check builds it, or said why it could not)"
+    exit 0
+fi
+for p in qemu-patches/*.patch; do
+    if [ "$p" -nt "$QEMU_L1" ]; then
+        echo "nested: $QEMU_L1 is older than $p; run qemu-patches/check first" >&2
+        exit 1
+    fi
+done
+[ -f /usr/share/qemu/vof.bin ] || {
+    echo "nested: /usr/share/qemu/vof.bin missing (Debian package qemu-system-data)" >&2
+    exit 1
+}
+
+echo "nested: cross-building tce-sidecar for $TARGET (static)"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_LINKER=powerpc64le-linux-gnu-gcc
+export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
+cargo build --quiet --release --target "$TARGET" --bin tce-sidecar
+BIN=$CARGO_TARGET_DIR/$TARGET/release
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tce-nested.XXXXXX")
+server=""
+cleanup() {
+    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+MD=$LAB_KERNEL_DIR/lib/modules/$LAB_KERNEL_RELEASE
+# copy_module NAME ROOT: a module and its dependencies, in load order, into ROOT/lib/modules
+copy_module() {
+    local line self deps m name
+    line=$(grep -E "/$1\.ko(\.xz)?:" "$MD/modules.dep") || {
+        echo "nested: module $1 not in $MD/modules.dep" >&2
+        exit 1
+    }
+    self=${line%%:*}
+    deps=${line#*:}
+    for m in $(tr ' ' '\n' <<<"$deps" | tac) "$self"; do
+        [ -n "$m" ] || continue
+        name=$(basename "${m%.xz}")
+        grep -qx "$name" "$2/modules.order" 2>/dev/null && continue
+        case $m in
+        *.xz) xz -dc "$MD/$m" >"$2/lib/modules/$name" ;;
+        *) cp "$MD/$m" "$2/lib/modules/$name" ;;
+        esac
+        echo "$name" >>"$2/modules.order"
+    done
+}
+busybox_root() {
+    mkdir -p "$1"/{bin,proc,sys,dev,tmp,lib/modules}
+    cp "$LAB_BUSYBOX" "$1/bin/busybox"
+    for applet in sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill \
+        poweroff dmesg tail head ip wget date rm; do
+        ln -s busybox "$1/bin/$applet"
+    done
+    : >"$1/modules.order"
+}
+
+# --- L2: e1000e and a download ---------------------------------------------------------------
+R2=$WORK/l2
+busybox_root "$R2"
+copy_module e1000e "$R2"
+cat >"$R2/init" <<'EOF'
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L2: insmod $m failed"; done
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+i=0
+while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+echo "L2: eth0 carrier $(cat /sys/class/net/eth0/carrier 2>/dev/null) after ${i}s"
+download() {
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    n=$(wget -q -O - "http://10.0.2.2:$(arg NESTED_PORT)/blob" | wc -c)
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo "L2-TRANSFER name=$1 bytes=$n seconds=$(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.2f", b - a }')"
+}
+download first
+if [ "$(arg NESTED_FAULT)" = kill ]; then
+    echo "L2-FAULT-START"
+    download during-fault
+fi
+dmesg | grep -iE 'e1000e|iommu|tce|dma' | tail -n 8
+echo "L2-DONE"
+sleep 600
+EOF
+chmod +x "$R2/init"
+(cd "$R2" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd-l2.gz")
+
+# --- L1: kvm-hv, vfio-pci, the sidecar, the patched QEMU -------------------------------------
+R1=$WORK/l1
+busybox_root "$R1"
+for m in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module $m "$R1"; done
+cp "$BIN/tce-sidecar" "$R1/tce-sidecar"
+mkdir -p "$R1"/qemu/{bin,lib,share} "$R1/l2" "$R1/lib64"
+powerpc64le-linux-gnu-strip -o "$R1/qemu/bin/qemu-system-ppc64" "$QEMU_L1"
+cp /usr/share/qemu/vof.bin "$R1/qemu/share/"
+cp "$LAB_VMLINUX" "$R1/l2/vmlinux"
+cp "$WORK/initrd-l2.gz" "$R1/l2/initrd.gz"
+# the shared libraries QEMU needs, from the sysroot the cross build used
+needed() { powerpc64le-linux-gnu-readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'; }
+todo=$(needed "$QEMU_L1")
+seen=" "
+while [ -n "$todo" ]; do
+    set -- $todo
+    lib=$1
+    shift
+    todo="$*"
+    case $seen in *" $lib "*) continue ;; esac
+    seen="$seen$lib "
+    f=$(ls "$SYSROOT/lib/powerpc64le-linux-gnu/$lib" "$SYSROOT/usr/lib/powerpc64le-linux-gnu/$lib" 2>/dev/null | head -n1 || true)
+    [ -n "$f" ] || {
+        echo "nested: $lib (needed by QEMU) not in $SYSROOT" >&2
+        exit 1
+    }
+    cp -L "$f" "$R1/qemu/lib/$lib"
+    todo="$todo $(needed "$f")"
+done
+cp -L "$SYSROOT/lib64/ld64.so.2" "$R1/qemu/lib/ld64.so.2"
+ln -s /qemu/lib/ld64.so.2 "$R1/lib64/ld64.so.2"
+cp tests/lab/nested-l1.sh "$R1/init"
+chmod +x "$R1/init"
+(cd "$R1" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd-l1.gz")
+
+# --- L0: an HTTP server on this machine, reached from L2 through -netdev user ---------------
+mkdir -p "$WORK/www"
+head -c $((MIB * 1024 * 1024)) /dev/urandom >"$WORK/www/blob"
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$port" >"$WORK/http.log" 2>&1 &
+server=$!
+
+log=$WORK/l0.log
+t0=$(date +%s)
+rc=0
+timeout "$TIMEOUT" qemu-system-ppc64 -M powernv9 -m 3G -smp 1 -nographic -no-reboot \
+    -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd-l1.gz" \
+    -append "console=hvc0 rdinit=/init loglevel=4 NESTED_PORT=$port NESTED_BYTES=$((MIB * 1024 * 1024))" \
+    -netdev user,id=n0 -device e1000e,netdev=n0,bus=pcie.0,addr=0x0,romfile= \
+    </dev/null >"$log" 2>&1 || rc=$?
+echo "nested: L0 qemu exit $rc after $(($(date +%s) - t0)) s"
+
+failed=0
+for mode in accelerated isolated accelerated-ddw; do
+    line=$(grep -a -m1 "^NESTED mode=$mode " "$log" | tr -d '\r' || true)
+    if [ -z "$line" ]; then
+        why="no summary line"
+        [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
+        line="NESTED mode=$mode result=FAIL why=\"$why\""
+    fi
+    echo "$line"
+    grep -q ' result=PASS' <<<"$line" || failed=1
+done
+rate() { grep -a -m1 "^NESTED mode=$1 " "$log" | tr -d '\r' | sed -n 's/.* kib_per_s=\([0-9]*\).*/\1/p'; }
+acc=$(rate accelerated)
+iso=$(rate isolated)
+if [ -n "$acc" ] && [ -n "$iso" ] && [ "$iso" -gt 0 ]; then
+    echo "NESTED throughput accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.2f", a / i }') ($acc KiB/s vs $iso KiB/s under TCG; the seed reports 3.4-4.6x on hardware)"
+fi
+if grep -a -q 'WARNING:' "$log"; then
+    echo "NESTED kernel WARN in L1's log:"
+    grep -a -A3 'WARNING:' "$log" | tr -d '\r'
+    failed=1
+fi
+if [ "$failed" = 1 ]; then
+    echo "----- console log -----"
+    tr -d '\r' <"$log"
+    echo "----- end of console log -----"
+fi
+echo "nested: done in $(($(date +%s) - start)) s"
+exit "$failed"
