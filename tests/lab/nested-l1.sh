@@ -44,6 +44,36 @@ start_sidecar() {
     while [ ! -S /tmp/sc.sock ] && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
 }
 
+# start_qemu MODE GUEST_ARGS: the L2 guest with the NIC on a sidecar-backed container; sets qp
+start_qemu() {
+    /qemu/bin/qemu-system-ppc64 -L /qemu/share \
+        -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
+        -object memory-backend-memfd,id=ram0,size=256M,share=on \
+        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$1 \
+        -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
+        -kernel /l2/vmlinux -initrd /l2/initrd.gz \
+        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $2" \
+        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 \
+        -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
+        -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
+        -trace 'spapr_iommu_pci_stuff' -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*' \
+        >/tmp/q.log 2>&1 &
+    qp=$!
+}
+
+transfer_bytes() {
+    grep -m1 "^L2-TRANSFER name=$1 " /tmp/l2.log | tr -d '\r' | sed -n 's/.* bytes=\([0-9]*\).*/\1/p'
+}
+
+report_failure() {
+    echo "--- L1 QEMU log ($1)"
+    grep -v -E '^spapr_iommu_' /tmp/q.log | tail -n 60
+    echo "--- L2 console ($1)"
+    tail -n 60 /tmp/l2.log
+    echo "--- sidecar ($1)"
+    cat /tmp/sc.log /tmp/status.json
+}
+
 # run_mode NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
 run_mode() {
     name=$1
@@ -51,20 +81,9 @@ run_mode() {
     guest_args=$3
     : >/tmp/l2.log
     : >/tmp/sc.log
+    : >/tmp/status.json
     start_sidecar
-    /qemu/bin/qemu-system-ppc64 -L /qemu/share \
-        -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
-        -object memory-backend-memfd,id=ram0,size=256M,share=on \
-        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$mode \
-        -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
-        -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $guest_args" \
-        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 \
-        -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
-        -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
-        -trace 'spapr_iommu_pci_stuff' -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*' \
-        >/tmp/q.log 2>&1 &
-    qp=$!
+    start_qemu $mode "$guest_args"
     why=""
     wait_for L2-DONE /tmp/l2.log 600 || why="L2 did not finish"
     /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
@@ -105,14 +124,61 @@ run_mode() {
     result=PASS
     [ -n "$why" ] && result=FAIL
     echo "NESTED mode=$name result=$result bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none}${why:+ why=\"$why\"}"
-    if [ $result = FAIL ]; then
-        echo "--- L1 QEMU log ($name)"
-        grep -v -E '^spapr_iommu_' /tmp/q.log | tail -n 60
-        echo "--- L2 console ($name)"
-        tail -n 60 /tmp/l2.log
-        echo "--- sidecar ($name)"
-        cat /tmp/sc.log /tmp/status.json
+    [ $result = FAIL ] && report_failure $name
+}
+
+# run_fault MODE: the sidecar is killed (SIGKILL) while the guest downloads.
+run_fault() {
+    mode=$1
+    : >/tmp/l2.log
+    : >/tmp/sc.log
+    : >/tmp/status.json
+    start_sidecar
+    start_qemu $mode "disable_ddw NESTED_FAULT=kill"
+    why=""
+    wait_for L2-FAULT-START /tmp/l2.log 600 || why="L2 did not reach the fault"
+    sleep 1
+    kill -9 $sc
+    wait $sc
+    if [ $mode = accelerated ]; then
+        # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar.
+        sleep 2
+        start_sidecar
+        wait_for L2-DONE /tmp/l2.log 600 || why="${why:+$why; }L2 did not finish"
+        wait_for 'reconnected to the tce-sidecar' /tmp/q.log 30 ||
+            why="${why:+$why; }QEMU did not reconnect"
+        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+        kill $qp
+        wait $qp
+        kill $sc
+        wait $sc
+        got=$(transfer_bytes during-fault)
+        [ "$got" = "$BYTES" ] ||
+            why="${why:+$why; }L2 received ${got:-nothing} of $BYTES bytes across the fault"
+        grep -q 'lost the connection to the tce-sidecar' /tmp/q.log ||
+            why="${why:+$why; }QEMU did not report the disconnect"
+        grep -q '"mode": "accelerated"' /tmp/status.json ||
+            why="${why:+$why; }no accelerated session in the new sidecar"
+        groups=$(grep -c '"iommu_group"' /tmp/status.json)
+        detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups"
+    else
+        # The container died with its owner: QEMU must stop the guest by itself.
+        i=0
+        while kill -0 $qp 2>/dev/null && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+        if kill -0 $qp 2>/dev/null; then
+            why="${why:+$why; }QEMU still runs ${i}s after its containers' owner died"
+            kill $qp
+        fi
+        wait $qp
+        grep -q 'owned the VFIO containers of this VM in isolated mode and is gone' /tmp/q.log ||
+            why="${why:+$why; }QEMU did not say why it stopped"
+        got=$(transfer_bytes during-fault)
+        detail="qemu_stopped_after_s=$i bytes_during_fault=${got:-0}"
     fi
+    result=PASS
+    [ -n "$why" ] && result=FAIL
+    echo "NESTED mode=$mode-kill result=$result $detail${why:+ why=\"$why\"}"
+    [ $result = FAIL ] && report_failure $mode-kill
 }
 
 # The guest maps every DMA buffer with H_PUT_TCE in its default 4K window (disable_ddw): the
@@ -121,6 +187,8 @@ run_mode() {
 run_mode accelerated accelerated disable_ddw
 run_mode isolated isolated disable_ddw
 run_mode accelerated-ddw accelerated ""
+run_fault accelerated
+run_fault isolated
 dmesg | grep -iE 'vfio|kvm|iommu|warn|bug' | tail -n 20
 echo o >/proc/sysrq-trigger
 poweroff -f

@@ -190,7 +190,7 @@ timeout "$TIMEOUT" qemu-system-ppc64 -M powernv9 -m 3G -smp 1 -nographic -no-reb
 echo "nested: L0 qemu exit $rc after $(($(date +%s) - t0)) s"
 
 failed=0
-for mode in accelerated isolated accelerated-ddw; do
+for mode in accelerated isolated accelerated-ddw accelerated-kill isolated-kill; do
     line=$(grep -a -m1 "^NESTED mode=$mode " "$log" | tr -d '\r' || true)
     if [ -z "$line" ]; then
         why="no summary line"
