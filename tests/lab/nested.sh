@@ -70,41 +70,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-MD=$LAB_KERNEL_DIR/lib/modules/$LAB_KERNEL_RELEASE
-# copy_module NAME ROOT: a module and its dependencies, in load order, into ROOT/lib/modules
-copy_module() {
-    local line self deps m name
-    line=$(grep -E "/$1\.ko(\.xz)?:" "$MD/modules.dep") || {
-        echo "nested: module $1 not in $MD/modules.dep" >&2
-        exit 1
-    }
-    self=${line%%:*}
-    deps=${line#*:}
-    for m in $(tr ' ' '\n' <<<"$deps" | tac) "$self"; do
-        [ -n "$m" ] || continue
-        name=$(basename "${m%.xz}")
-        grep -qx "$name" "$2/modules.order" 2>/dev/null && continue
-        case $m in
-        *.xz) xz -dc "$MD/$m" >"$2/lib/modules/$name" ;;
-        *) cp "$MD/$m" "$2/lib/modules/$name" ;;
-        esac
-        echo "$name" >>"$2/modules.order"
-    done
-}
-busybox_root() {
-    mkdir -p "$1"/{bin,proc,sys,dev,tmp,lib/modules}
-    cp "$LAB_BUSYBOX" "$1/bin/busybox"
-    for applet in sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill \
-        poweroff dmesg tail head ip wget date rm; do
-        ln -s busybox "$1/bin/$applet"
-    done
-    : >"$1/modules.order"
-}
+# shellcheck source=tests/lab/initramfs.sh
+. tests/lab/initramfs.sh
+APPLETS="sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill poweroff
+    dmesg tail head ip wget date rm"
 
 # --- L2: e1000e and a download ---------------------------------------------------------------
 R2=$WORK/l2
-busybox_root "$R2"
-copy_module e1000e "$R2"
+busybox_root "$R2" $APPLETS
+copy_module "$R2" e1000e
 cat >"$R2/init" <<'EOF'
 #!/bin/sh
 export PATH=/bin
@@ -139,8 +113,8 @@ chmod +x "$R2/init"
 
 # --- L1: kvm-hv, vfio-pci, the sidecar, the patched QEMU -------------------------------------
 R1=$WORK/l1
-busybox_root "$R1"
-for m in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module $m "$R1"; done
+busybox_root "$R1" $APPLETS
+for m in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module "$R1" $m; done
 cp "$BIN/tce-sidecar" "$R1/tce-sidecar"
 mkdir -p "$R1"/qemu/{bin,lib,share} "$R1/l2" "$R1/lib64"
 powerpc64le-linux-gnu-strip -o "$R1/qemu/bin/qemu-system-ppc64" "$QEMU_L1"

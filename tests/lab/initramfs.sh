@@ -1,0 +1,37 @@
+# Helpers shared by the labs (sourced): an initramfs root with busybox and kernel modules from
+# the lab kernel. Needs LAB_BUSYBOX, LAB_KERNEL_DIR and LAB_KERNEL_RELEASE (tests/lab/setup.sh).
+
+# busybox_root ROOT APPLET...: the skeleton of a root with busybox and these applets
+busybox_root() {
+    local root=$1 applet
+    shift
+    mkdir -p "$root"/{bin,proc,sys,dev,tmp,lib/modules}
+    cp "$LAB_BUSYBOX" "$root/bin/busybox"
+    for applet in "$@"; do
+        ln -s busybox "$root/bin/$applet"
+    done
+    : >"$root/modules.order"
+}
+
+# copy_module ROOT NAME: module NAME and its dependencies into ROOT/lib/modules, appended to
+# ROOT/modules.order in load order
+copy_module() {
+    local root=$1 md=$LAB_KERNEL_DIR/lib/modules/$LAB_KERNEL_RELEASE line self deps m name
+    line=$(grep -E "/$2\.ko(\.xz)?:" "$md/modules.dep") || {
+        echo "lab: module $2 not in $md/modules.dep" >&2
+        exit 1
+    }
+    self=${line%%:*}
+    deps=${line#*:}
+    # modules.dep lists dependencies nearest first: load them from the last one.
+    for m in $(tr ' ' '\n' <<<"$deps" | tac) "$self"; do
+        [ -n "$m" ] || continue
+        name=$(basename "${m%.xz}")
+        grep -qx "$name" "$root/modules.order" && continue
+        case $m in
+        *.xz) xz -dc "$md/$m" >"$root/lib/modules/$name" ;;
+        *) cp "$md/$m" "$root/lib/modules/$name" ;;
+        esac
+        echo "$name" >>"$root/modules.order"
+    done
+}
