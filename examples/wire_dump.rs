@@ -29,6 +29,12 @@ fn requests() -> Vec<Request> {
             container_id: 0,
             iommu_group: 7,
         }),
+        Request::GroupAdopt(GroupDesc {
+            group_id: 1,
+            container_id: 0,
+            iommu_group: 7,
+        }),
+        Request::WindowAdopt { table_id: 2 },
         Request::GroupRemove { group_id: 1 },
         Request::TableAdd(TableDesc {
             table_id: 2,

@@ -56,6 +56,7 @@ const ROLLBACK: u32 = 2;
 const ACCELERATED: u64 = 1;
 const ISOLATED: u64 = 2;
 const EEH: u64 = 4;
+const REBUILD: u64 = 8;
 
 // Operation kinds (§6.1).
 const CONTAINER_OPEN: u16 = 1;
@@ -367,7 +368,10 @@ fn handshake_features_negotiated_once_with_each_mismatch_refused() {
     let sidecar = Sidecar::start("c-handshake", &[]);
     let conn = Conn::open(&sidecar);
     let reply = conn.call(GET_FEATURES, &[]).ok();
-    assert_eq!(reply.body, (ACCELERATED | ISOLATED | EEH).to_le_bytes());
+    assert_eq!(
+        reply.body,
+        (ACCELERATED | ISOLATED | EEH | REBUILD).to_le_bytes()
+    );
     // A bit the back-end does not offer: -ENOTSUP, the text names it.
     let reply = conn.call(SET_FEATURES, &Le::default().u64(ISOLATED | 1 << 9).bytes());
     reply.error(ENOTSUP);
@@ -680,7 +684,10 @@ fn sixty_four_concurrent_clients_each_served_correctly() {
             std::thread::spawn(move || {
                 let conn = Conn::open(&sidecar);
                 let features = conn.call(GET_FEATURES, &[]).ok().body;
-                assert_eq!(features, (ACCELERATED | ISOLATED | EEH).to_le_bytes());
+                assert_eq!(
+                    features,
+                    (ACCELERATED | ISOLATED | EEH | REBUILD).to_le_bytes()
+                );
                 let mode = if i % 2 == 0 { ACCELERATED } else { ISOLATED };
                 conn.handshake(mode);
                 negotiated.fetch_add(1, Ordering::SeqCst);

@@ -131,14 +131,14 @@ fn capabilities(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn print_capabilities_model_offers_both_modes_and_eeh() {
+fn print_capabilities_model_offers_both_modes_eeh_and_rebuild() {
     let expected = serde_json::json!({
         "type": "spapr-tce-iommu",
         "version": env!("CARGO_PKG_VERSION"),
         "protocol_version": 1,
         "kernel": "model",
         "modes": ["accelerated", "isolated"],
-        "features": ["eeh"],
+        "features": ["eeh", "rebuild"],
     });
     assert_eq!(
         capabilities(&["--print-capabilities", "--kernel", "model"]),

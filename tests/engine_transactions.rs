@@ -832,3 +832,85 @@ fn container_requests_unknown_container_enoent_without_calls() {
         Some(2)
     );
 }
+
+/// A session rebuilt after the back-end restarted: the front-end re-sends its RAM, adopts its
+/// group (its container is open, its memory registered, the default window gone) and its window
+/// (created and associated in KVM). The new session then knows what the lost one knew, without
+/// a single call beyond TCE_GET_INFO, and takes the window down the same way.
+#[test]
+fn adopt_rebuilds_an_accelerated_session_as_it_was() {
+    let mut lost = Driver::new(FEATURE_MODE_ACCELERATED, platform());
+    set_up(&mut lost);
+
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED | FEATURE_REBUILD, platform());
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    let adopt = |group_id, iommu_group| {
+        Request::GroupAdopt(GroupDesc {
+            group_id,
+            container_id: 0,
+            iommu_group,
+        })
+    };
+    d.ok(adopt(1, 7), None);
+    let calls: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(calls, [KernelOp::TceGetInfo { container: C0 }]);
+    d.ok(
+        table_add(1, 0x8000_0001, 16, 0, 1 << 14),
+        memfd_facts(8 << 14),
+    );
+    let body = d.ok(Request::WindowAdopt { table_id: 1 }, None);
+    assert!(d.take_log().is_empty());
+    assert_eq!(
+        WindowCreateBody::decode(&body),
+        Some(WindowCreateBody {
+            start_addr: 0,
+            hw_page_shift: 16,
+            levels: 1
+        })
+    );
+    let (was, is) = (lost.session.state(), d.session.state());
+    assert_eq!(is.containers[&C0].windows, was.containers[&C0].windows);
+    assert_eq!(
+        is.containers[&C0].registered,
+        was.containers[&C0].registered
+    );
+    assert_eq!(is.groups[&G1], was.groups[&G1]);
+    assert_eq!(
+        d.session.registered_bytes(),
+        lost.session.registered_bytes()
+    );
+
+    // A window adopted twice is refused like WINDOW_CREATE of a table that has one.
+    assert_eq!(
+        d.request(Request::WindowAdopt { table_id: 1 }, None).status,
+        -Errno::EXIST.raw_os_error()
+    );
+    // The same group twice: refused as GROUP_ADD would be.
+    assert_eq!(
+        d.request(adopt(1, 7), None).status,
+        -Errno::EXIST.raw_os_error()
+    );
+
+    lost.ok(Request::WindowRemove { table_id: 1 }, None);
+    d.ok(Request::WindowRemove { table_id: 1 }, None);
+    assert_eq!(d.take_log(), lost.take_log());
+}
+
+#[test]
+fn adopt_needs_the_feature_and_accelerated_mode() {
+    let adopt = Request::GroupAdopt(GroupDesc {
+        group_id: 1,
+        container_id: 0,
+        iommu_group: 7,
+    });
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, platform());
+    assert_eq!(
+        d.request(adopt.clone(), None).status,
+        -Errno::NOTSUP.raw_os_error()
+    );
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED | FEATURE_REBUILD, platform());
+    let reply = d.request(adopt, None);
+    assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
+    assert!(reply.text.contains("accelerated"), "{}", reply.text);
+    assert!(d.session.state().groups.is_empty());
+}

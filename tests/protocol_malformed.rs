@@ -128,7 +128,7 @@ fn header_size_over_maximum_is_a_broken_frame() {
 
 #[test]
 fn request_unknown_code_is_refused_with_enosys() {
-    for code in [0, 17, 1000, u32::MAX] {
+    for code in [0, 19, 1000, u32::MAX] {
         assert_refused(
             decode(code, &[], 0),
             ENOSYS,
@@ -139,7 +139,7 @@ fn request_unknown_code_is_refused_with_enosys() {
 
 #[test]
 fn request_fixed_size_mismatch_is_refused_with_einval() {
-    let fixed: [(RequestCode, usize); 14] = [
+    let fixed: [(RequestCode, usize); 16] = [
         (RequestCode::GetFeatures, 0),
         (RequestCode::SetFeatures, 8),
         (RequestCode::GetStatus, 8),
@@ -154,6 +154,8 @@ fn request_fixed_size_mismatch_is_refused_with_einval() {
         (RequestCode::WindowRemove, 8),
         (RequestCode::WindowReset, 16),
         (RequestCode::EehOp, 32),
+        (RequestCode::GroupAdopt, 16),
+        (RequestCode::WindowAdopt, 8),
     ];
     for (code, size) in fixed {
         for got in [size + 1, size.saturating_sub(1)] {

@@ -65,6 +65,14 @@ fn arb_request() -> impl Strategy<Value = Request> {
                 iommu_group,
             })
         }),
+        any::<(u32, u32, u32)>().prop_map(|(group_id, container_id, iommu_group)| {
+            Request::GroupAdopt(GroupDesc {
+                group_id,
+                container_id,
+                iommu_group,
+            })
+        }),
+        any::<u32>().prop_map(|table_id| Request::WindowAdopt { table_id }),
         any::<u32>().prop_map(|group_id| Request::GroupRemove { group_id }),
         any::<(u32, u32, u32, u32, u64, u64)>().prop_map(|(a, b, c, d, e, f)| {
             Request::TableAdd(TableDesc {
@@ -340,6 +348,12 @@ fn request_every_code_has_a_round_trip_case() {
             container_id: 0,
             iommu_group: 42,
         }),
+        Request::GroupAdopt(GroupDesc {
+            group_id: 1,
+            container_id: 0,
+            iommu_group: 42,
+        }),
+        Request::WindowAdopt { table_id: 2 },
         Request::GroupRemove { group_id: 1 },
         Request::TableAdd(TableDesc {
             table_id: 2,

@@ -30,7 +30,7 @@ use crate::kernel::model::{ModelKernel, Platform};
 use crate::kernel::Kernel;
 use crate::protocol::{
     encode_reply, recv_frame, send_frame, Reply, FEATURE_EEH, FEATURE_MODE_ACCELERATED,
-    FEATURE_MODE_ISOLATED, MAX_PAYLOAD, MAX_TEXT, VERSION,
+    FEATURE_MODE_ISOLATED, FEATURE_REBUILD, MAX_PAYLOAD, MAX_TEXT, VERSION,
 };
 use session::SessionEntry;
 use status::{DaemonStatus, SessionStatus, StatusReply};
@@ -182,7 +182,7 @@ pub fn model_capabilities(platform: &Platform) -> Capabilities {
 pub fn features(caps: HostCaps) -> u64 {
     let mut features = 0;
     if caps.spapr_tce_vfio && caps.vfio {
-        features |= FEATURE_MODE_ACCELERATED;
+        features |= FEATURE_MODE_ACCELERATED | FEATURE_REBUILD;
     }
     if caps.vfio {
         features |= FEATURE_MODE_ISOLATED;
@@ -222,7 +222,7 @@ pub fn capabilities(backend: &dyn Backend) -> Capabilities {
             (FEATURE_MODE_ACCELERATED, "accelerated"),
             (FEATURE_MODE_ISOLATED, "isolated"),
         ]),
-        features: pick(&[(FEATURE_EEH, "eeh")]),
+        features: pick(&[(FEATURE_EEH, "eeh"), (FEATURE_REBUILD, "rebuild")]),
     }
 }
 

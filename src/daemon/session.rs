@@ -118,7 +118,9 @@ fn keep_fd(
             let map = mode == Some(OwnershipMode::Isolated) && fits;
             objects.add_region(desc, fd, map, kernel)?;
         }
-        Request::GroupAdd(desc) => objects.add_group(GroupId(desc.group_id), fd),
+        Request::GroupAdd(desc) | Request::GroupAdopt(desc) => {
+            objects.add_group(GroupId(desc.group_id), fd)
+        }
         Request::TableAdd(desc) => objects.add_table(desc, fd),
         _ => {}
     }

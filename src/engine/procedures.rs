@@ -1,17 +1,18 @@
 //! One procedure per request: the checks the engine makes before any kernel call, and the
 //! kernel calls, stage by stage, in the order QEMU makes them today (qemu-notes §3–§11).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use rustix::io::Errno;
 
 use crate::kernel::{ContainerId, GroupId, KernelOp, Output, OwnershipMode, RegionId, TableId};
 use crate::protocol::{
-    DmaAccess, EehBody, EehRequest, MemRegion, Request, RequestCode, TableDesc, TceEntries,
-    TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH, MAX_INLINE_TCES,
+    DmaAccess, EehBody, EehRequest, GroupDesc, MemRegion, Request, RequestCode, TableDesc,
+    TceEntries, TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_EEH,
+    FEATURE_REBUILD, MAX_INLINE_TCES,
 };
 
-use super::state::{Container, Group, Region, State, Table};
+use super::state::{Container, Group, HwWindow, Region, State, Table};
 use super::window::{geometry, Geometry};
 use super::{EngineError, FdFacts, Host};
 
@@ -52,6 +53,13 @@ pub enum Procedure {
     GroupRemove {
         group: GroupId,
         stage: u8,
+    },
+    /// A group the front-end already holds attached to its open container (GROUP_ADOPT).
+    GroupAdopt {
+        group: GroupId,
+        container: ContainerId,
+        stage: u8,
+        new_container: bool,
     },
     MemAdd {
         region: RegionId,
@@ -158,8 +166,22 @@ pub fn start(
         Request::MemAdd(_) if state.regions.len() >= host.limits.regions => {
             return Err(full("regions", host.limits.regions))
         }
-        Request::GroupAdd(_) if state.groups.len() >= host.limits.groups => {
+        Request::GroupAdd(_) | Request::GroupAdopt(_)
+            if state.groups.len() >= host.limits.groups =>
+        {
             return Err(full("groups", host.limits.groups))
+        }
+        Request::GroupAdopt(_) | Request::WindowAdopt { .. } => {
+            if features & FEATURE_REBUILD == 0 {
+                return Err(err(Errno::NOTSUP, "REBUILD was not negotiated"));
+            }
+            if mode != OwnershipMode::Accelerated {
+                return Err(err(
+                    Errno::INVAL,
+                    "only accelerated sessions are rebuilt: in isolated mode the containers die \
+                     with the back-end",
+                ));
+            }
         }
         Request::TableAdd(_) if state.tables.len() >= host.limits.tables => {
             return Err(full("tables", host.limits.tables))
@@ -227,25 +249,71 @@ pub fn start(
                 }
             }
         }
-        Request::GroupAdd(desc) => {
-            let group = GroupId(desc.group_id);
-            if state.groups.contains_key(&group) {
-                return Err(err(Errno::EXIST, format!("{group} is already registered")));
-            }
-            if let Some((other, _)) = state
-                .groups
-                .iter()
-                .find(|(_, g)| g.iommu_group == desc.iommu_group)
-            {
+        Request::GroupAdopt(desc) => {
+            let (group, container) = check_new_group(state, &desc)?;
+            let new_container = !state.containers.contains_key(&container);
+            if !new_container && !state.containers[&container].open {
                 return Err(err(
-                    Errno::BUSY,
-                    format!(
-                        "IOMMU group {} is already in the session as {other}",
-                        desc.iommu_group
-                    ),
+                    Errno::INVAL,
+                    format!("{container} is not open; only open containers are adopted"),
                 ));
             }
-            let container = ContainerId(desc.container_id);
+            state.groups.insert(
+                group,
+                Group {
+                    container,
+                    iommu_group: desc.iommu_group,
+                    file_added: false,
+                    attached: true,
+                    associations: Default::default(),
+                },
+            );
+            let regions: BTreeSet<RegionId> = state.regions.keys().copied().collect();
+            let c = state.containers.entry(container).or_default();
+            c.groups.insert(group);
+            if new_container {
+                // What the front-end's container holds since it was set up in the lost
+                // session: the IOMMU type, every region pre-registered, no default window.
+                c.open = true;
+                c.iommu_set = true;
+                c.registered = regions;
+            }
+            run(Procedure::GroupAdopt {
+                group,
+                container,
+                stage: 0,
+                new_container,
+            })
+        }
+        Request::WindowAdopt { table_id } => {
+            let table = TableId(table_id);
+            let create = WindowCreate::check(state, host, table)?;
+            let (container, start) = {
+                let t = &state.tables[&table];
+                (ContainerId(t.desc.container_id), t.desc.bus_offset)
+            };
+            let g = create.geometry;
+            let c = state.containers.entry(container).or_default();
+            c.windows.insert(
+                start,
+                HwWindow {
+                    size: g.window_size,
+                    page_shift: g.hw_page_shift,
+                    levels: g.levels,
+                    default: false,
+                },
+            );
+            // The lost session associated every group of the container with the table.
+            for group in state.groups.values_mut() {
+                if group.container == container && group.attached {
+                    group.file_added = true;
+                    group.associations.insert(table);
+                }
+            }
+            Ok(Step::Done(create.body_at(start)))
+        }
+        Request::GroupAdd(desc) => {
+            let (group, container) = check_new_group(state, &desc)?;
             state.groups.insert(
                 group,
                 Group {
@@ -413,6 +481,28 @@ pub fn start(
             })
         }
     }
+}
+
+/// The checks every new group passes: an unused id and an IOMMU group not in the session yet.
+fn check_new_group(state: &State, desc: &GroupDesc) -> Result<(GroupId, ContainerId), EngineError> {
+    let group = GroupId(desc.group_id);
+    if state.groups.contains_key(&group) {
+        return Err(err(Errno::EXIST, format!("{group} is already registered")));
+    }
+    if let Some((other, _)) = state
+        .groups
+        .iter()
+        .find(|(_, g)| g.iommu_group == desc.iommu_group)
+    {
+        return Err(err(
+            Errno::BUSY,
+            format!(
+                "IOMMU group {} is already in the session as {other}",
+                desc.iommu_group
+            ),
+        ));
+    }
+    Ok((group, ContainerId(desc.container_id)))
 }
 
 fn check_region(
@@ -671,8 +761,12 @@ impl WindowCreate {
     }
 
     fn body(&self) -> Vec<u8> {
+        self.body_at(self.start.unwrap_or_default())
+    }
+
+    fn body_at(&self, start_addr: u64) -> Vec<u8> {
         WindowCreateBody {
-            start_addr: self.start.unwrap_or_default(),
+            start_addr,
             hw_page_shift: self.geometry.hw_page_shift,
             levels: self.levels,
         }
@@ -1014,6 +1108,7 @@ impl Procedure {
             | Self::WindowCreate(_) => true,
             Self::WindowReset { .. } => true,
             Self::GroupRemove { .. }
+            | Self::GroupAdopt { .. }
             | Self::WindowRemove { .. }
             | Self::TceUpdate(_)
             | Self::Eeh { .. }
@@ -1089,6 +1184,19 @@ impl Procedure {
                     }),
                     _ => None,
                 })
+            }
+            Self::GroupAdopt {
+                container,
+                stage,
+                new_container,
+                ..
+            } => {
+                *stage += 1;
+                Ok((*stage == 1 && *new_container).then(|| {
+                    vec![KernelOp::TceGetInfo {
+                        container: *container,
+                    }]
+                }))
             }
             Self::GroupRemove { group, stage } => {
                 let group = *group;
@@ -1411,6 +1519,7 @@ impl Procedure {
             }
             Self::GroupAdd { .. }
             | Self::GroupRemove { .. }
+            | Self::GroupAdopt { .. }
             | Self::MemAdd { .. }
             | Self::MemRemove { .. }
             | Self::WindowRemove { .. }
@@ -1437,6 +1546,7 @@ impl Procedure {
             .encode(),
             Self::GroupAdd { .. }
             | Self::GroupRemove { .. }
+            | Self::GroupAdopt { .. }
             | Self::MemAdd { .. }
             | Self::MemRemove { .. }
             | Self::WindowRemove { .. }
@@ -1460,6 +1570,31 @@ impl Procedure {
     /// Settles the objects the request added or removed, once it is over.
     pub fn finished(&self, state: &mut State, ok: bool) {
         match *self {
+            // TCE_GET_INFO recorded the default window a new container starts with; the
+            // front-end removed it when it set the container up.
+            Self::GroupAdopt {
+                container,
+                new_container: true,
+                ..
+            } if ok => {
+                if let Some(c) = state.containers.get_mut(&container) {
+                    c.windows.retain(|_, w| !w.default);
+                }
+            }
+            // Nothing was done in the kernel: forget what the request recorded.
+            Self::GroupAdopt {
+                group,
+                container,
+                new_container,
+                ..
+            } => {
+                state.groups.remove(&group);
+                if new_container {
+                    state.containers.remove(&container);
+                } else if let Some(c) = state.containers.get_mut(&container) {
+                    c.groups.remove(&group);
+                }
+            }
             // Fully rolled back: forget the group. Otherwise it stays, as the kernel holds it.
             Self::GroupAdd {
                 group, container, ..

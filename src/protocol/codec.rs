@@ -283,7 +283,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
                 .u64(r.user_addr);
             w.u64(r.mmap_offset);
         }
-        Request::GroupAdd(g) => {
+        Request::GroupAdd(g) | Request::GroupAdopt(g) => {
             w.u32(g.group_id)
                 .u32(g.container_id)
                 .u32(g.iommu_group)
@@ -293,6 +293,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         | Request::TableRemove { table_id: id }
         | Request::WindowQuery { container_id: id }
         | Request::WindowCreate { table_id: id }
+        | Request::WindowAdopt { table_id: id }
         | Request::WindowRemove { table_id: id } => {
             w.u32(*id).u32(0);
         }
@@ -374,8 +375,9 @@ fn expected_size(code: RequestCode, payload: &[u8]) -> Result<usize, DecodeError
         | RequestCode::TableRemove
         | RequestCode::WindowQuery
         | RequestCode::WindowCreate
+        | RequestCode::WindowAdopt
         | RequestCode::WindowRemove => 8,
-        RequestCode::GroupAdd | RequestCode::WindowReset => 16,
+        RequestCode::GroupAdd | RequestCode::GroupAdopt | RequestCode::WindowReset => 16,
         RequestCode::TableAdd | RequestCode::EehOp => 32,
         RequestCode::MemAdd | RequestCode::MemRemove => 40,
         RequestCode::TceUpdate => {
@@ -520,11 +522,18 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                 Request::MemRemove(region)
             }
         }
-        RequestCode::GroupAdd => Request::GroupAdd(GroupDesc {
-            group_id: r.u32(),
-            container_id: r.u32(),
-            iommu_group: r.u32(),
-        }),
+        RequestCode::GroupAdd | RequestCode::GroupAdopt => {
+            let desc = GroupDesc {
+                group_id: r.u32(),
+                container_id: r.u32(),
+                iommu_group: r.u32(),
+            };
+            if code == RequestCode::GroupAdd {
+                Request::GroupAdd(desc)
+            } else {
+                Request::GroupAdopt(desc)
+            }
+        }
         RequestCode::GroupRemove => Request::GroupRemove { group_id: r.u32() },
         RequestCode::TableAdd => Request::TableAdd(TableDesc {
             table_id: r.u32(),
@@ -539,6 +548,7 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
             container_id: r.u32(),
         },
         RequestCode::WindowCreate => Request::WindowCreate { table_id: r.u32() },
+        RequestCode::WindowAdopt => Request::WindowAdopt { table_id: r.u32() },
         RequestCode::WindowRemove => Request::WindowRemove { table_id: r.u32() },
         RequestCode::WindowReset => {
             let container_id = r.u32();

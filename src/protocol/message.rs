@@ -26,11 +26,13 @@ pub enum RequestCode {
     TceUpdate = 14,
     EehOp = 15,
     OpsResult = 16,
+    GroupAdopt = 17,
+    WindowAdopt = 18,
 }
 
 impl RequestCode {
     /// Every request code, in numeric order.
-    pub const ALL: [RequestCode; 16] = [
+    pub const ALL: [RequestCode; 18] = [
         Self::GetFeatures,
         Self::SetFeatures,
         Self::GetStatus,
@@ -47,6 +49,8 @@ impl RequestCode {
         Self::TceUpdate,
         Self::EehOp,
         Self::OpsResult,
+        Self::GroupAdopt,
+        Self::WindowAdopt,
     ];
 
     pub fn from_u32(code: u32) -> Option<Self> {
@@ -56,7 +60,7 @@ impl RequestCode {
     /// The exact number of fds a request of this type carries.
     pub fn fd_count(self) -> usize {
         match self {
-            Self::MemAdd | Self::GroupAdd | Self::TableAdd => 1,
+            Self::MemAdd | Self::GroupAdd | Self::TableAdd | Self::GroupAdopt => 1,
             _ => 0,
         }
     }
@@ -80,6 +84,8 @@ impl RequestCode {
             Self::TceUpdate => "TCE_UPDATE",
             Self::EehOp => "EEH_OP",
             Self::OpsResult => "OPS_RESULT",
+            Self::GroupAdopt => "GROUP_ADOPT",
+            Self::WindowAdopt => "WINDOW_ADOPT",
         }
     }
 }
@@ -212,6 +218,12 @@ pub enum Request {
         transaction: u32,
         results: Vec<OpResult>,
     },
+    /// A group the front-end already attached to its open container (rebuilding a session).
+    GroupAdopt(GroupDesc),
+    /// A table whose window already exists and is associated in KVM (rebuilding a session).
+    WindowAdopt {
+        table_id: u32,
+    },
 }
 
 impl Request {
@@ -233,6 +245,8 @@ impl Request {
             Self::TceUpdate(_) => RequestCode::TceUpdate,
             Self::EehOp(_) => RequestCode::EehOp,
             Self::OpsResult { .. } => RequestCode::OpsResult,
+            Self::GroupAdopt(_) => RequestCode::GroupAdopt,
+            Self::WindowAdopt { .. } => RequestCode::WindowAdopt,
         }
     }
 }

@@ -44,5 +44,9 @@ pub const FEATURE_MODE_ACCELERATED: u64 = 1 << 0;
 pub const FEATURE_MODE_ISOLATED: u64 = 1 << 1;
 /// Feature bit: EEH operations are available on this host.
 pub const FEATURE_EEH: u64 = 1 << 2;
+/// Feature bit: GROUP_ADOPT and WINDOW_ADOPT rebuild an accelerated session after the back-end
+/// restarted.
+pub const FEATURE_REBUILD: u64 = 1 << 3;
 /// Every feature bit version 1 defines.
-pub const FEATURES_KNOWN: u64 = FEATURE_MODE_ACCELERATED | FEATURE_MODE_ISOLATED | FEATURE_EEH;
+pub const FEATURES_KNOWN: u64 =
+    FEATURE_MODE_ACCELERATED | FEATURE_MODE_ISOLATED | FEATURE_EEH | FEATURE_REBUILD;
