@@ -141,7 +141,8 @@ run_fault() {
     kill -9 $sc
     wait $sc
     if [ $mode = accelerated ]; then
-        # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar.
+        # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar and
+        # describes its devices to it (GROUP_ADOPT, WINDOW_ADOPT).
         sleep 2
         start_sidecar
         wait_for L2-DONE /tmp/l2.log 600 || why="${why:+$why; }L2 did not finish"
@@ -160,7 +161,12 @@ run_fault() {
         grep -q '"mode": "accelerated"' /tmp/status.json ||
             why="${why:+$why; }no accelerated session in the new sidecar"
         groups=$(grep -c '"iommu_group"' /tmp/status.json)
-        detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups"
+        windows=$(grep -c '"has_window": true' /tmp/status.json)
+        [ "$groups" -ge 1 ] && [ "$windows" -ge 1 ] ||
+            why="${why:+$why; }the new session knows $groups groups and $windows windows"
+        grep -q 'the new session knows the' /tmp/q.log ||
+            why="${why:+$why; }QEMU did not rebuild the session"
+        detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups windows_in_new_session=$windows"
     else
         # The container died with its owner: QEMU must stop the guest by itself.
         i=0
