@@ -180,9 +180,9 @@ iso=$(rate isolated)
 if [ -n "$acc" ] && [ -n "$iso" ] && [ "$iso" -gt 0 ]; then
     echo "NESTED throughput accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.2f", a / i }') ($acc KiB/s vs $iso KiB/s under TCG; the seed reports 3.4-4.6x on hardware)"
 fi
-if grep -a -q 'WARNING:' "$log"; then
+if grep -a -q 'WARNING: CPU:' "$log"; then
     echo "NESTED kernel WARN in L1's log:"
-    grep -a -A3 'WARNING:' "$log" | tr -d '\r'
+    grep -a -A3 'WARNING: CPU:' "$log" | tr -d '\r'
     failed=1
 fi
 if [ "$failed" = 1 ]; then

@@ -127,11 +127,13 @@ for machine in $MACHINES; do
     if [ -n "$acc" ] && [ -n "$iso" ] && [ "$acc" -gt 0 ]; then
         echo "P5 machine=$machine hypercalls/s accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.1f", i / a }') (seed: 3.4-4.6x throughput)"
     fi
-    # Linux warns in kvm_spapr_tce_release_vfio_group for a group file that leaves the kvm-vfio
-    # device without ever having been associated; the sidecar must never cause it.
-    if grep -a -q 'WARNING:' "$log"; then
+    # A kernel WARN splat ("WARNING: CPU: n PID: m at ..."), such as the one
+    # kvm_spapr_tce_release_vfio_group issues for a group file that leaves the kvm-vfio device
+    # without ever having been associated: the sidecar must never cause one. (Plain printk lines
+    # that start with "WARNING:", like pseries' nvram message, are not WARNs.)
+    if grep -a -q 'WARNING: CPU:' "$log"; then
         echo "LAB machine=$machine kernel WARNING in the guest's log:"
-        grep -a -A3 'WARNING:' "$log" | tr -d '\r'
+        grep -a -A3 'WARNING: CPU:' "$log" | tr -d '\r'
         machine_failed=1
     fi
     if [ "$machine_failed" = 1 ]; then
