@@ -881,6 +881,18 @@ impl Vm {
     }
 }
 
+/// TABLE_ADD of table 1 in container 0: LIOBN, 4K pages from bus address 0, ENTRIES entries.
+fn table_add_1() -> Vec<u8> {
+    Le::default()
+        .u32(1)
+        .u32(0)
+        .u32(LIOBN)
+        .u32(12)
+        .u64(0)
+        .u64(ENTRIES)
+        .bytes()
+}
+
 fn kinds(batch: &[Op]) -> Vec<u16> {
     batch.iter().map(|op| op.kind).collect()
 }
@@ -928,14 +940,7 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     vm.objects
         .tables
         .insert(TableId(1), (table.fd.try_clone().unwrap(), ENTRIES));
-    let desc = Le::default()
-        .u32(1)
-        .u32(0)
-        .u32(LIOBN)
-        .u32(12)
-        .u64(0)
-        .u64(ENTRIES)
-        .bytes();
+    let desc = table_add_1();
     conn.call_fds(TABLE_ADD, &desc, &[table.fd.as_fd()]).ok();
     let reply = conn.call(WINDOW_CREATE, &id(1));
     let (last, batches) = vm.run(&conn, reply, None);
@@ -1006,14 +1011,7 @@ fn isolated_session_every_request_type_on_the_model() {
         .vm
         .userspace_table(u64::from(LIOBN), 12, 0, ENTRIES)
         .unwrap();
-    let desc = Le::default()
-        .u32(1)
-        .u32(0)
-        .u32(LIOBN)
-        .u32(12)
-        .u64(0)
-        .u64(ENTRIES)
-        .bytes();
+    let desc = table_add_1();
     conn.call_fds(TABLE_ADD, &desc, &[table.fd.as_fd()]).ok();
     let query = conn.call(WINDOW_QUERY, &id(0)).ok();
     assert_eq!(query.body.len(), 24);

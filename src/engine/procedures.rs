@@ -250,7 +250,7 @@ pub fn start(
             }
         }
         Request::GroupAdopt(desc) => {
-            let (group, container) = check_new_group(state, &desc)?;
+            let container = ContainerId(desc.container_id);
             let new_container = !state.containers.contains_key(&container);
             if !new_container && !state.containers[&container].open {
                 return Err(err(
@@ -258,19 +258,9 @@ pub fn start(
                     format!("{container} is not open; only open containers are adopted"),
                 ));
             }
-            state.groups.insert(
-                group,
-                Group {
-                    container,
-                    iommu_group: desc.iommu_group,
-                    file_added: false,
-                    attached: true,
-                    associations: Default::default(),
-                },
-            );
+            let group = add_group(state, &desc, true)?;
             let regions: BTreeSet<RegionId> = state.regions.keys().copied().collect();
             let c = state.containers.entry(container).or_default();
-            c.groups.insert(group);
             if new_container {
                 // What the front-end's container holds since it was set up in the lost
                 // session: the IOMMU type, every region pre-registered, no default window.
@@ -313,23 +303,8 @@ pub fn start(
             Ok(Step::Done(create.body_at(start)))
         }
         Request::GroupAdd(desc) => {
-            let (group, container) = check_new_group(state, &desc)?;
-            state.groups.insert(
-                group,
-                Group {
-                    container,
-                    iommu_group: desc.iommu_group,
-                    file_added: false,
-                    attached: false,
-                    associations: Default::default(),
-                },
-            );
-            state
-                .containers
-                .entry(container)
-                .or_default()
-                .groups
-                .insert(group);
+            let group = add_group(state, &desc, false)?;
+            let container = ContainerId(desc.container_id);
             run(Procedure::GroupAdd {
                 group,
                 container,
@@ -483,8 +458,9 @@ pub fn start(
     }
 }
 
-/// The checks every new group passes: an unused id and an IOMMU group not in the session yet.
-fn check_new_group(state: &State, desc: &GroupDesc) -> Result<(GroupId, ContainerId), EngineError> {
+/// Records a new group in its container (created if new), once it passes the checks every new
+/// group passes: an unused id and an IOMMU group not in the session yet.
+fn add_group(state: &mut State, desc: &GroupDesc, attached: bool) -> Result<GroupId, EngineError> {
     let group = GroupId(desc.group_id);
     if state.groups.contains_key(&group) {
         return Err(err(Errno::EXIST, format!("{group} is already registered")));
@@ -502,7 +478,24 @@ fn check_new_group(state: &State, desc: &GroupDesc) -> Result<(GroupId, Containe
             ),
         ));
     }
-    Ok((group, ContainerId(desc.container_id)))
+    let container = ContainerId(desc.container_id);
+    state.groups.insert(
+        group,
+        Group {
+            container,
+            iommu_group: desc.iommu_group,
+            file_added: false,
+            attached,
+            associations: Default::default(),
+        },
+    );
+    state
+        .containers
+        .entry(container)
+        .or_default()
+        .groups
+        .insert(group);
+    Ok(group)
 }
 
 fn check_region(

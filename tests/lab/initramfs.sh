@@ -1,5 +1,6 @@
 # Helpers shared by the labs (sourced): an initramfs root with busybox and kernel modules from
-# the lab kernel. Needs LAB_BUSYBOX, LAB_KERNEL_DIR and LAB_KERNEL_RELEASE (tests/lab/setup.sh).
+# the lab kernel (needs LAB_BUSYBOX, LAB_KERNEL_DIR and LAB_KERNEL_RELEASE from
+# tests/lab/setup.sh), and the reading of a run's console log.
 
 # busybox_root ROOT APPLET...: the skeleton of a root with busybox and these applets
 busybox_root() {
@@ -34,4 +35,29 @@ copy_module() {
         esac
         echo "$name" >>"$root/modules.order"
     done
+}
+
+# summary_line LOG PREFIX: the run's summary line starting with PREFIX (e.g. "LAB machine=m
+# mode=x"), or a FAIL line saying why there is none; RC is QEMU's exit status and TIMEOUT its
+# limit. Returns 0 when the line says PASS.
+summary_line() {
+    local line why
+    line=$(grep -a -m1 "^$2 " "$1" | tr -d '\r' || true)
+    if [ -z "$line" ]; then
+        why="no summary line"
+        [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
+        line="$2 result=FAIL why=\"$why\""
+    fi
+    echo "$line"
+    grep -q ' result=PASS' <<<"$line"
+}
+
+# kernel_warned LOG LABEL: whether LOG holds a kernel WARN splat ("WARNING: CPU: n PID: m at
+# ..."), printed under LABEL. One is kvm_spapr_tce_release_vfio_group's, for a group file that
+# leaves the kvm-vfio device without ever having been associated: the sidecar must never cause
+# one. (Plain printk lines starting with "WARNING:", like pseries' nvram message, are not WARNs.)
+kernel_warned() {
+    grep -a -q 'WARNING: CPU:' "$1" || return 1
+    echo "$2"
+    grep -a -A3 'WARNING: CPU:' "$1" | tr -d '\r'
 }

@@ -74,17 +74,22 @@ report_failure() {
     cat /tmp/sc.log /tmp/status.json
 }
 
+# begin_run MODE GUEST_ARGS: fresh logs, a sidecar and the guest
+begin_run() {
+    : >/tmp/l2.log
+    : >/tmp/sc.log
+    : >/tmp/status.json
+    start_sidecar
+    start_qemu "$1" "$2"
+    why=""
+}
+
 # run_mode NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
 run_mode() {
     name=$1
     mode=$2
     guest_args=$3
-    : >/tmp/l2.log
-    : >/tmp/sc.log
-    : >/tmp/status.json
-    start_sidecar
-    start_qemu $mode "$guest_args"
-    why=""
+    begin_run $mode "$guest_args"
     wait_for L2-DONE /tmp/l2.log 600 || why="L2 did not finish"
     /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
     lck_qemu=$(vmlck $qp)
@@ -130,12 +135,7 @@ run_mode() {
 # run_fault MODE: the sidecar is killed (SIGKILL) while the guest downloads.
 run_fault() {
     mode=$1
-    : >/tmp/l2.log
-    : >/tmp/sc.log
-    : >/tmp/status.json
-    start_sidecar
-    start_qemu $mode "disable_ddw NESTED_FAULT=kill"
-    why=""
+    begin_run $mode "disable_ddw NESTED_FAULT=kill"
     wait_for L2-FAULT-START /tmp/l2.log 600 || why="L2 did not reach the fault"
     sleep 1
     kill -9 $sc

@@ -165,14 +165,7 @@ echo "nested: L0 qemu exit $rc after $(($(date +%s) - t0)) s"
 
 failed=0
 for mode in accelerated isolated accelerated-ddw accelerated-kill isolated-kill; do
-    line=$(grep -a -m1 "^NESTED mode=$mode " "$log" | tr -d '\r' || true)
-    if [ -z "$line" ]; then
-        why="no summary line"
-        [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
-        line="NESTED mode=$mode result=FAIL why=\"$why\""
-    fi
-    echo "$line"
-    grep -q ' result=PASS' <<<"$line" || failed=1
+    summary_line "$log" "NESTED mode=$mode" || failed=1
 done
 rate() { grep -a -m1 "^NESTED mode=$1 " "$log" | tr -d '\r' | sed -n 's/.* kib_per_s=\([0-9]*\).*/\1/p'; }
 acc=$(rate accelerated)
@@ -180,9 +173,7 @@ iso=$(rate isolated)
 if [ -n "$acc" ] && [ -n "$iso" ] && [ "$iso" -gt 0 ]; then
     echo "NESTED throughput accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.2f", a / i }') ($acc KiB/s vs $iso KiB/s under TCG; the seed reports 3.4-4.6x on hardware)"
 fi
-if grep -a -q 'WARNING: CPU:' "$log"; then
-    echo "NESTED kernel WARN in L1's log:"
-    grep -a -A3 'WARNING: CPU:' "$log" | tr -d '\r'
+if kernel_warned "$log" "NESTED kernel WARN in L1's log:"; then
     failed=1
 fi
 if [ "$failed" = 1 ]; then

@@ -110,14 +110,7 @@ for machine in $MACHINES; do
     echo "lab: $machine: qemu exit $rc after $(($(date +%s) - t0)) s"
     machine_failed=0
     for mode in accelerated isolated; do
-        line=$(grep -a -m1 "^LAB machine=$machine mode=$mode " "$log" | tr -d '\r' || true)
-        if [ -z "$line" ]; then
-            why="no summary line"
-            [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
-            line="LAB machine=$machine mode=$mode result=FAIL why=\"$why\""
-        fi
-        echo "$line"
-        grep -q ' result=PASS ' <<<"$line" || machine_failed=1
+        summary_line "$log" "LAB machine=$machine mode=$mode" || machine_failed=1
     done
     # P5, the seed's effect: the same hypercalls per second, accelerated against isolated. TCG
     # makes absolute times meaningless; the ratio is the figure.
@@ -127,13 +120,7 @@ for machine in $MACHINES; do
     if [ -n "$acc" ] && [ -n "$iso" ] && [ "$acc" -gt 0 ]; then
         echo "P5 machine=$machine hypercalls/s accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.1f", i / a }') (seed: 3.4-4.6x throughput)"
     fi
-    # A kernel WARN splat ("WARNING: CPU: n PID: m at ..."), such as the one
-    # kvm_spapr_tce_release_vfio_group issues for a group file that leaves the kvm-vfio device
-    # without ever having been associated: the sidecar must never cause one. (Plain printk lines
-    # that start with "WARNING:", like pseries' nvram message, are not WARNs.)
-    if grep -a -q 'WARNING: CPU:' "$log"; then
-        echo "LAB machine=$machine kernel WARNING in the guest's log:"
-        grep -a -A3 'WARNING: CPU:' "$log" | tr -d '\r'
+    if kernel_warned "$log" "LAB machine=$machine kernel WARNING in the guest's log:"; then
         machine_failed=1
     fi
     if [ "$machine_failed" = 1 ]; then
