@@ -1057,14 +1057,7 @@ impl TceUpdateProc {
         if mode == OwnershipMode::Accelerated {
             return vec![(first, count)];
         }
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for index in t.mapped.set_in(first, count) {
-            match runs.last_mut() {
-                Some((start, len)) if *start + *len == index => *len += 1,
-                _ => runs.push((index, 1)),
-            }
-        }
-        runs
+        t.mapped.set_runs(first, count)
     }
 
     fn parameter(&mut self, text: impl Into<String>) -> EngineError {
