@@ -255,6 +255,8 @@ pub struct ModelKernel {
     pub(super) table_pages: BTreeMap<HwTableId, (Mm, u64)>,
     /// Kernel warnings issued (`WARN_ON_ONCE` in Linux, counted here every time).
     pub(super) warnings: Vec<&'static str>,
+    /// Files released so far, so a holder of stand-ins knows when to look for released ones.
+    released_files: u64,
     store_factory: StoreFactory,
 }
 
@@ -266,6 +268,7 @@ impl ModelKernel {
             platform,
             next_id: 1,
             files: BTreeMap::new(),
+            released_files: 0,
             mms: BTreeMap::new(),
             vms: BTreeMap::new(),
             stts: BTreeMap::new(),
@@ -470,6 +473,11 @@ impl ModelKernel {
         })
     }
 
+    /// How many files have been released since the kernel started.
+    pub fn released_files(&self) -> u64 {
+        self.released_files
+    }
+
     /// `fget`: the kernel keeps a reference to the file.
     pub(super) fn fget(&mut self, file: FileId) {
         if let Some(f) = self.files.get_mut(&file) {
@@ -486,6 +494,7 @@ impl ModelKernel {
         if f.refs == 0 {
             let obj = f.obj;
             self.files.remove(&file);
+            self.released_files += 1;
             self.release(file, obj);
         }
     }

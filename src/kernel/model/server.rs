@@ -223,6 +223,8 @@ struct State {
     kernel: ModelKernel,
     by_inode: HashMap<(u64, u64), FileId>,
     standins: HashMap<FileId, OwnedFd>,
+    /// The kernel's released-file count at the last collection.
+    collected: u64,
 }
 
 impl State {
@@ -250,8 +252,13 @@ impl State {
         Ok(copy)
     }
 
-    /// Drops the copies of stand-ins whose files the model released.
+    /// Drops the copies of stand-ins whose files the model released. Scans only after a
+    /// release: every call ends with a collection, and the maps grow with every session.
     fn collect(&mut self) {
+        if self.kernel.released_files() == self.collected {
+            return;
+        }
+        self.collected = self.kernel.released_files();
         let kernel = &self.kernel;
         self.standins
             .retain(|&id, _| kernel.file_kind(id).is_some());
@@ -756,6 +763,7 @@ impl ModelServer {
                     kernel,
                     by_inode: HashMap::new(),
                     standins: HashMap::new(),
+                    collected: 0,
                 }),
             }),
         }
