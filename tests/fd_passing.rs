@@ -258,6 +258,33 @@ fn broken_frame_with_fds_closes_them() {
 }
 
 #[test]
+fn a_reader_refusing_fds_closes_them_and_marks_the_frame() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (front, back) = UnixStream::pair().unwrap();
+    let memfd = memfd_with(b"x");
+    let mut reader = FrameReader::new(true).refusing_fds();
+    let before = open_fd_count();
+    let body = [0u8; REPLY_FIXED];
+    send_frame(
+        &back,
+        RequestCode::GetFeatures as u32,
+        true,
+        &body,
+        &[memfd.as_fd()],
+    )
+    .unwrap();
+    send_frame(&back, RequestCode::GetFeatures as u32, true, &body, &[]).unwrap();
+    let marked = reader.recv(&front).unwrap();
+    assert!(marked.fds.is_empty());
+    assert_eq!(marked.fd_problem, Some(FdProblem::TooMany));
+    assert_eq!(open_fd_count(), before, "the kernel closed the fd");
+    let clean = reader.recv(&front).unwrap();
+    assert_eq!((clean.payload.len(), clean.fd_problem), (REPLY_FIXED, None));
+}
+
+#[test]
 fn send_frame_refuses_more_than_eight_fds() {
     let _serial = SERIAL
         .lock()

@@ -92,7 +92,7 @@ impl Client {
         let stream = UnixStream::connect(path)?;
         let mut client = Self {
             stream,
-            reader: FrameReader::new(true),
+            reader: FrameReader::new(true).refusing_fds(),
             mode,
             features: 0,
             kernel,

@@ -43,14 +43,17 @@ pub enum RecvError {
 }
 
 /// Receives into `buf` once, appending any fds; returns the bytes read and whether the kernel
-/// truncated the ancillary data.
+/// truncated the ancillary data. Without `accept_fds` there is no room for fds: the kernel
+/// closes any that come and reports truncation.
 fn recv_once(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    accept_fds: bool,
 ) -> io::Result<(usize, bool)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let space = if accept_fds { &mut space[..] } else { &mut [] };
+    let mut control = RecvAncillaryBuffer::new(space);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
         match recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
@@ -86,6 +89,7 @@ struct Chunk {
 pub struct FrameReader {
     expect_reply: bool,
     exact: bool,
+    accept_fds: bool,
     buf: Vec<u8>,
     head: usize,
     tail: usize,
@@ -103,6 +107,7 @@ impl FrameReader {
         Self {
             expect_reply,
             exact: false,
+            accept_fds: true,
             buf: Vec::new(),
             head: 0,
             tail: 0,
@@ -116,6 +121,17 @@ impl FrameReader {
         Self {
             exact: true,
             ..Self::new(expect_reply)
+        }
+    }
+
+    /// Receives without room for fds, for a peer whose messages never carry any (the
+    /// front-end's replies): fds that come anyway are closed by the kernel and the frame is
+    /// marked as having too many. It also spares the kernel the control-message work of
+    /// every read.
+    pub fn refusing_fds(self) -> Self {
+        Self {
+            accept_fds: false,
+            ..self
         }
     }
 
@@ -140,7 +156,12 @@ impl FrameReader {
         }
         let mut fds = Vec::new();
         let end = self.tail + space;
-        let (n, truncated) = recv_once(sock, &mut self.buf[self.tail..end], &mut fds)?;
+        let (n, truncated) = recv_once(
+            sock,
+            &mut self.buf[self.tail..end],
+            &mut fds,
+            self.accept_fds,
+        )?;
         if !fds.is_empty() || truncated {
             self.chunks.push_back(Chunk {
                 start: self.position + self.available() as u64,
@@ -221,13 +242,21 @@ pub fn recv_frame(sock: impl AsFd, expect_reply: bool) -> Result<Frame, RecvErro
 
 /// Sends `bytes` (one or more whole frames), attaching `fds` to the first byte.
 pub fn send_bytes(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_slices(sock.as_fd(), &mut [IoSlice::new(bytes)], fds)
+}
+
+/// Sends every byte of `slices`, in order, attaching `fds` to the first byte.
+fn send_slices(
+    sock: BorrowedFd<'_>,
+    mut slices: &mut [IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "more than 8 fds in one message",
         ));
     }
-    let sock = sock.as_fd();
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -237,22 +266,17 @@ pub fn send_bytes(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::
         ));
     }
     let mut no_control = SendAncillaryBuffer::default();
-    let mut sent = 0;
-    while sent < bytes.len() {
-        let control = if sent == 0 {
-            &mut control
-        } else {
-            &mut no_control
-        };
+    let mut first = true;
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let control = if first { &mut control } else { &mut no_control };
         // MSG_NOSIGNAL: a peer that went away is an EPIPE error here, not a process-killing SIGPIPE.
-        match sendmsg(
-            sock,
-            &[IoSlice::new(&bytes[sent..])],
-            control,
-            SendFlags::NOSIGNAL,
-        ) {
+        match sendmsg(sock, slices, control, SendFlags::NOSIGNAL) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => sent += n,
+            Ok(n) => {
+                first = false;
+                IoSlice::advance_slices(&mut slices, n);
+            }
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -261,7 +285,7 @@ pub fn send_bytes(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::
 }
 
 /// Sends one frame: a header for `request` (as a reply when `reply` is set), the payload, and
-/// `fds` attached to the header.
+/// `fds` attached to the header. One `sendmsg` carries both (no copy into a frame buffer).
 pub fn send_frame(
     sock: impl AsFd,
     request: u32,
@@ -275,8 +299,10 @@ pub fn send_frame(
             "payload exceeds the maximum",
         ));
     }
-    let mut frame = Vec::with_capacity(HEADER_SIZE + payload.len());
-    frame.extend_from_slice(&Header::new(request, reply, payload.len()).to_bytes());
-    frame.extend_from_slice(payload);
-    send_bytes(sock, &frame, fds)
+    let header = Header::new(request, reply, payload.len()).to_bytes();
+    send_slices(
+        sock.as_fd(),
+        &mut [IoSlice::new(&header), IoSlice::new(payload)],
+        fds,
+    )
 }
