@@ -245,15 +245,26 @@ struct Echo {
 
 impl Echo {
     fn start(request: usize, reply: usize) -> Result<Self, Error> {
+        Self::spawn("echo", vec![0; request], reply)
+    }
+
+    /// An echo that receives and replies with the daemon's system calls and does no work:
+    /// `request` (a whole frame) is read as the daemon reads it (header, then payload, with
+    /// room for fds), an `fstat` stands for the kernel call, and the reply is one `sendmsg`.
+    fn with_daemon_syscalls(request: Vec<u8>, reply: usize) -> Result<Self, Error> {
+        Self::spawn("echo-syscalls", request, reply)
+    }
+
+    fn spawn(kind: &str, request: Vec<u8>, reply: usize) -> Result<Self, Error> {
         let (sock, theirs) = UnixStream::pair()?;
         let child = server_command(&std::env::current_exe()?)
-            .args(["echo", &request.to_string(), &reply.to_string()])
+            .args([kind, &request.len().to_string(), &reply.to_string()])
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .spawn()?;
         let mut echo = Self {
             sock,
             child,
-            request: vec![0; request],
+            request,
             reply: vec![0; reply],
         };
         echo.round_trips(100)?;
@@ -302,6 +313,20 @@ fn echo(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// `bench echo-syscalls REQUEST REPLY`: the far end of [`Echo::with_daemon_syscalls`].
+fn echo_syscalls(args: &[String]) -> Result<(), Error> {
+    let reply: usize = args.get(1).ok_or("echo needs 2 numbers")?.parse()?;
+    let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let kernel = rustix::fs::memfd_create("kernel", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let out = vec![0u8; reply - HEADER_SIZE];
+    let mut reader = FrameReader::exact(false);
+    while let Ok(frame) = reader.recv(&sock) {
+        rustix::fs::fstat(&kernel)?;
+        send_frame(&sock, frame.header.request, true, &out, &[])?;
+    }
+    Ok(())
+}
+
 fn frame_len(payload: usize) -> usize {
     HEADER_SIZE + payload
 }
@@ -322,7 +347,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Trials alternate between the measured path and its baseline, so both see the same machine
 /// load; the medians are compared.
-const TRIALS: usize = 7;
+const TRIALS: usize = 15;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -342,8 +367,15 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
     }
     let (request, reply) = update_bytes(&one_entry(0));
     let mut floor = Echo::start(request, reply)?;
+    let frame = Request::TceUpdate(one_entry(0));
+    let payload = encode_request(&frame);
+    let mut request_frame = Header::new(frame.code() as u32, false, payload.len())
+        .to_bytes()
+        .to_vec();
+    request_frame.extend_from_slice(&payload);
+    let mut syscalls_floor = Echo::with_daemon_syscalls(request_frame, reply)?;
     let (mut daemon, mut ipc) = (Vec::new(), Vec::new());
-    let (mut daemon_cpu, mut echo_cpu) = (Vec::new(), Vec::new());
+    let (mut daemon_cpu, mut echo_cpu, mut syscalls) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..TRIALS {
         let (start, cpu) = (Instant::now(), sidecar.cpu_ns());
         for i in 0..rounds {
@@ -354,6 +386,7 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
         let cpu = floor.cpu_ns();
         ipc.push(per(floor.round_trips(rounds)?, rounds));
         echo_cpu.push((floor.cpu_ns() - cpu) as f64 / rounds as f64);
+        syscalls.push(per(syscalls_floor.round_trips(rounds)?, rounds));
     }
     let (daemon, ipc) = (median(daemon), median(ipc));
     let ratio = daemon / ipc;
@@ -370,6 +403,12 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
     println!(
         "P1 raw socketpair ping-pong ({request}+{reply} bytes): {:.1} us",
         ipc / 1000.0
+    );
+    let syscalls = median(syscalls);
+    println!(
+        "P1 the same ping-pong, its echo making the daemon's system calls and no work: {:.1} us ({:.2} x ipc)",
+        syscalls / 1000.0,
+        syscalls / ipc
     );
     println!("P1 latency ratio daemon/ipc: {ratio:.2} (target <= 1.25)");
     Ok(ratio)
@@ -657,8 +696,10 @@ fn p4(sidecar: Arc<Sidecar>) -> Result<f64, Error> {
 fn main() -> Result<(), Error> {
     // `bench [p1|p2|p3|p4]...` runs the named figures only (for profiling); default all.
     let only: Vec<String> = std::env::args().skip(1).collect();
-    if only.first().is_some_and(|a| a == "echo") {
-        return echo(&only[1..]);
+    match only.first().map(String::as_str) {
+        Some("echo") => return echo(&only[1..]),
+        Some("echo-syscalls") => return echo_syscalls(&only[1..]),
+        _ => {}
     }
     println!(
         "machine: {} cores; placement {} (BENCH_PLACEMENT)",
