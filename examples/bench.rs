@@ -600,6 +600,15 @@ fn p3(sidecar: &Sidecar) -> Result<(), Error> {
     Ok(())
 }
 
+/// A P4 session, set up and warmed up: first-touch costs are not the steady state P1 measures.
+fn warmed_session(sidecar: &Sidecar, iommu_group: u32) -> Result<(ModelVm, Client), Error> {
+    let (vm, mut client) = session(sidecar, iommu_group)?;
+    for i in 0..P4_WARM_UP {
+        client.tce_update(one_entry(i))?;
+    }
+    Ok((vm, client))
+}
+
 /// One session's latencies: a 1-entry update every `pace`, starting at `phase` into the
 /// period (an open loop, as a guest's slow path is: without pacing, 256 closed loops on 2 cores
 /// measure only the run queue).
@@ -611,13 +620,7 @@ fn latencies(
     phase: f64,
     barrier: &Barrier,
 ) -> Result<Vec<Duration>, Error> {
-    // Set up and warmed up (first-touch costs are not the steady state P1 measures).
-    let set_up = session(sidecar, iommu_group).and_then(|(vm, mut client)| {
-        for i in 0..P4_WARM_UP {
-            client.tce_update(one_entry(i))?;
-        }
-        Ok((vm, client))
-    });
+    let set_up = warmed_session(sidecar, iommu_group);
     // Every thread reaches both barriers, whatever fails, so none waits forever.
     barrier.wait();
     let measured = set_up.and_then(|(vm, mut client)| {
@@ -678,21 +681,16 @@ fn p4(sidecar: Arc<Sidecar>) -> Result<f64, Error> {
     let single = load(&sidecar, 1, 4, rate, seconds)?;
     let all = load(&sidecar, sessions, 10, rate, seconds)?;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!(
-        "P4 one session, {rate} updates/s: p50 {:.1} us, p99 {:.1} us",
-        us(percentile(&single, 0.5)),
-        us(percentile(&single, 0.99))
-    );
-    println!(
-        "P4 {sessions} concurrent sessions, {rate} updates/s in all: p50 {:.1} us, p99 {:.1} us",
-        us(percentile(&all, 0.5)),
-        us(percentile(&all, 0.99))
-    );
+    let print = |what: String, sorted: &[Duration]| {
+        let (p50, p99) = (us(percentile(sorted, 0.5)), us(percentile(sorted, 0.99)));
+        println!("P4 {what}, {rate} updates/s: p50 {p50:.1} us, p99 {p99:.1} us");
+    };
+    print("one session".into(), &single);
+    print(format!("{sessions} concurrent sessions"), &all);
     let cycling = cycle(&sidecar, sessions, 300, rate, seconds)?;
-    println!(
-        "P4 one front-end thread cycling through {sessions} sessions, {rate} updates/s: p50 {:.1} us, p99 {:.1} us",
-        us(percentile(&cycling, 0.5)),
-        us(percentile(&cycling, 0.99))
+    print(
+        format!("one front-end thread cycling through {sessions} sessions"),
+        &cycling,
     );
     let ratio = us(percentile(&all, 0.99)) / us(percentile(&single, 0.99));
     println!("P4 p99 ratio {sessions} sessions / one: {ratio:.2} (target <= 2)");
@@ -710,11 +708,7 @@ fn cycle(
 ) -> Result<Vec<Duration>, Error> {
     let mut clients = Vec::new();
     for group in first_group..first_group + sessions {
-        let (vm, mut client) = session(sidecar, group)?;
-        for i in 0..P4_WARM_UP {
-            client.tce_update(one_entry(i))?;
-        }
-        clients.push((vm, client));
+        clients.push(warmed_session(sidecar, group)?);
     }
     let pace = Duration::from_secs_f64(1.0 / rate);
     let updates = (rate * seconds) as u64;
