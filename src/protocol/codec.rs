@@ -219,6 +219,18 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> i64 {
         i64::from_le_bytes(self.take())
     }
+    /// `count` u64s; as for the other reads, those past the end read as zero.
+    fn u64s(&mut self, count: usize) -> Vec<u64> {
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let mut out: Vec<u64> = rest
+            .chunks_exact(8)
+            .take(count)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        out.resize(count, 0);
+        self.pos += count * 8;
+        out
+    }
 }
 
 /// Little-endian writer.
@@ -318,9 +330,12 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
             w.0.extend_from_slice(&encode_tce_fixed(u));
             match &u.entries {
                 TceEntries::Shared => {}
-                TceEntries::Inline(v) => v.iter().for_each(|e| {
-                    w.u64(*e);
-                }),
+                TceEntries::Inline(v) => {
+                    w.0.reserve(v.len() * 8);
+                    v.iter().for_each(|e| {
+                        w.u64(*e);
+                    })
+                }
                 TceEntries::Stuff(v) => {
                     w.u64(*v);
                 }
@@ -585,7 +600,7 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                 TCE_SOURCE_SHARED => TceEntries::Shared,
                 TCE_SOURCE_STUFF => TceEntries::Stuff(r.u64()),
                 // expected_size() admitted only the three sources and bounded count.
-                _ => TceEntries::Inline((0..count).map(|_| r.u64()).collect()),
+                _ => TceEntries::Inline(r.u64s(count as usize)),
             };
             Request::TceUpdate(TceUpdate {
                 table_id,
