@@ -5,7 +5,7 @@ use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{fstat, memfd_create, MemfdFlags};
@@ -15,6 +15,12 @@ use tce_sidecar::protocol::*;
 
 /// The open-fd count is process-wide, so the tests of this binary run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn open_fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -70,9 +76,7 @@ fn receive(sock: &UnixStream) -> Result<Incoming, DecodeError> {
 
 #[test]
 fn memfd_arrives_close_on_exec_with_its_contents() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"guest ram");
     assert!(!fcntl_getfd(&memfd).unwrap().contains(FdFlags::CLOEXEC));
@@ -96,9 +100,7 @@ fn memfd_arrives_close_on_exec_with_its_contents() {
 
 #[test]
 fn eventfd_arrives_close_on_exec_and_shares_its_counter() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let event = plain_eventfd();
     send_request(&front, &group_add(), &[&event]);
@@ -112,9 +114,7 @@ fn eventfd_arrives_close_on_exec_and_shares_its_counter() {
 
 #[test]
 fn back_to_back_messages_keep_their_own_fds() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let first = memfd_with(b"a");
     let second = plain_eventfd();
@@ -142,9 +142,7 @@ fn assert_refused_and_closed(request: &Request, fd_count: usize, kind: DecodeErr
 
 #[test]
 fn extra_fd_is_refused_and_closed() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     assert_refused_and_closed(
         &group_add(),
         2,
@@ -173,9 +171,7 @@ fn extra_fd_is_refused_and_closed() {
 
 #[test]
 fn missing_fd_is_refused() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     assert_refused_and_closed(
         &mem_add(),
         0,
@@ -208,9 +204,7 @@ fn send_group_add_with_fds(front: &UnixStream, count: usize) {
 
 #[test]
 fn more_than_eight_fds_are_refused_and_closed() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     // 9 and 10 fds fit the receive buffer and are counted; 64 overflow it (MSG_CTRUNC) and the
     // kernel closes the ones it could not deliver.
     for count in [9, 10, 64] {
@@ -225,9 +219,7 @@ fn more_than_eight_fds_are_refused_and_closed() {
 
 #[test]
 fn fds_attached_to_payload_bytes_are_refused_and_closed() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"x");
     let payload = encode_request(&mem_add());
@@ -242,9 +234,7 @@ fn fds_attached_to_payload_bytes_are_refused_and_closed() {
 
 #[test]
 fn broken_frame_with_fds_closes_them() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"x");
     let before = open_fd_count();
@@ -259,9 +249,7 @@ fn broken_frame_with_fds_closes_them() {
 
 #[test]
 fn a_reader_refusing_fds_closes_them_and_marks_the_frame() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"x");
     let mut reader = FrameReader::new(true).refusing_fds();
@@ -286,9 +274,7 @@ fn a_reader_refusing_fds_closes_them_and_marks_the_frame() {
 
 #[test]
 fn send_frame_refuses_more_than_eight_fds() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let (front, _back) = UnixStream::pair().unwrap();
     let fds: Vec<OwnedFd> = (0..9).map(|_| plain_eventfd()).collect();
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

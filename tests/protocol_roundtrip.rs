@@ -23,6 +23,14 @@ fn request_round_trip(request: &Request) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn arb_group() -> impl Strategy<Value = GroupDesc> {
+    any::<(u32, u32, u32)>().prop_map(|(group_id, container_id, iommu_group)| GroupDesc {
+        group_id,
+        container_id,
+        iommu_group,
+    })
+}
+
 fn arb_region() -> impl Strategy<Value = MemRegion> {
     (
         any::<u32>(),
@@ -58,20 +66,8 @@ fn arb_request() -> impl Strategy<Value = Request> {
         any::<u32>().prop_map(|first_session| Request::GetStatus { first_session }),
         arb_region().prop_map(Request::MemAdd),
         arb_region().prop_map(Request::MemRemove),
-        any::<(u32, u32, u32)>().prop_map(|(group_id, container_id, iommu_group)| {
-            Request::GroupAdd(GroupDesc {
-                group_id,
-                container_id,
-                iommu_group,
-            })
-        }),
-        any::<(u32, u32, u32)>().prop_map(|(group_id, container_id, iommu_group)| {
-            Request::GroupAdopt(GroupDesc {
-                group_id,
-                container_id,
-                iommu_group,
-            })
-        }),
+        arb_group().prop_map(Request::GroupAdd),
+        arb_group().prop_map(Request::GroupAdopt),
         any::<u32>().prop_map(|table_id| Request::WindowAdopt { table_id }),
         any::<u32>().prop_map(|group_id| Request::GroupRemove { group_id }),
         any::<(u32, u32, u32, u32, u64, u64)>().prop_map(|(a, b, c, d, e, f)| {

@@ -1,7 +1,7 @@
 //! One procedure per request: the checks the engine makes before any kernel call, and the
 //! kernel calls, stage by stage, in the order QEMU makes them today (qemu-notes §3–§11).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use rustix::io::Errno;
 
@@ -259,14 +259,13 @@ pub fn start(
                 ));
             }
             let group = add_group(state, &desc, true)?;
-            let regions: BTreeSet<RegionId> = state.regions.keys().copied().collect();
-            let c = state.containers.entry(container).or_default();
             if new_container {
                 // What the front-end's container holds since it was set up in the lost
                 // session: the IOMMU type, every region pre-registered, no default window.
+                let c = state.containers.entry(container).or_default();
                 c.open = true;
                 c.iommu_set = true;
-                c.registered = regions;
+                c.registered = state.regions.keys().copied().collect();
             }
             run(Procedure::GroupAdopt {
                 group,

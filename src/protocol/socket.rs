@@ -267,6 +267,7 @@ fn send_slices(
     }
     let mut no_control = SendAncillaryBuffer::default();
     let mut first = true;
+    // Drops leading empty slices: with nothing to send, nothing is sent.
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         let control = if first { &mut control } else { &mut no_control };
