@@ -249,8 +249,8 @@ impl Echo {
     }
 
     /// An echo that receives and replies with the daemon's system calls and does no work:
-    /// `request` (a whole frame) is read as the daemon reads it (header, then payload, with
-    /// room for fds), an `fstat` stands for the kernel call, and the reply is one `sendmsg`.
+    /// `request` (a whole frame) is read as the daemon reads it (one `recvmsg` with room for
+    /// fds), an `fstat` stands for the kernel call, and the reply is one `sendmsg`.
     fn with_daemon_syscalls(request: Vec<u8>, reply: usize) -> Result<Self, Error> {
         Self::spawn("echo-syscalls", request, reply)
     }
@@ -319,7 +319,7 @@ fn echo_syscalls(args: &[String]) -> Result<(), Error> {
     let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let kernel = rustix::fs::memfd_create("kernel", rustix::fs::MemfdFlags::CLOEXEC)?;
     let out = vec![0u8; reply - HEADER_SIZE];
-    let mut reader = FrameReader::exact(false);
+    let mut reader = FrameReader::new(false);
     while let Ok(frame) = reader.recv(&sock) {
         rustix::fs::fstat(&kernel)?;
         send_frame(&sock, frame.header.request, true, &out, &[])?;

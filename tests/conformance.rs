@@ -476,13 +476,33 @@ fn fd_count_errors_ebadf_and_every_fd_closed() {
     let reply = conn.call_fds(GROUP_ADD, &group, &borrowed);
     reply.error(EBADF);
     assert!(reply.text.contains("more than 8"), "{}", reply.text);
-    // An fd attached to payload bytes instead of the header.
-    let whole = frame(GROUP_ADD, V1, &group);
-    conn.send(&whole[..12]);
-    conn.send_fds(&whole[12..], &[fd.as_fd()]);
+    // An fd that arrives in a read in which its message did not begin (§2.1): it rides on the
+    // last bytes of a 20,500-byte OPS_RESULT, beyond what the back-end reads (8 KiB) before it
+    // knows a message's size. The fd check comes before the session state's.
+    let mut results = Le::default().u32(1).u32(512).bytes();
+    results.resize(8 + 512 * 40, 0);
+    let whole = frame(OPS_RESULT, V1, &results);
+    conn.send(&whole[..20_000]);
+    conn.send_fds(&whole[20_000..], &[fd.as_fd()]);
     let reply = conn.reply();
+    assert_eq!(reply.code, OPS_RESULT);
     reply.error(EBADF);
     assert!(reply.text.contains("with the header"), "{}", reply.text);
+    // The fd of a message sent with its header alone, the payload following in a second write,
+    // belongs to that message however the back-end's reads fall.
+    let region = Le::default()
+        .u32(1)
+        .u32(0)
+        .u64(0)
+        .u64(4096)
+        .u64(0x10000)
+        .u64(0)
+        .bytes();
+    let whole = frame(MEM_ADD, V1, &region);
+    conn.send_fds(&whole[..12], &[fd.as_fd()]);
+    conn.send(&whole[12..]);
+    assert_eq!(conn.reply().ok().code, MEM_ADD);
+    conn.call(MEM_REMOVE, &region).ok();
     // Every fd of the refused messages was closed by the time their replies came.
     assert_eq!(
         open_fds(sidecar.pid()),

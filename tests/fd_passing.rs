@@ -218,7 +218,7 @@ fn more_than_eight_fds_are_refused_and_closed() {
 }
 
 #[test]
-fn fds_attached_to_payload_bytes_are_refused_and_closed() {
+fn exact_reader_refuses_and_closes_fds_attached_to_payload_bytes() {
     let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"x");
@@ -230,6 +230,106 @@ fn fds_attached_to_payload_bytes_are_refused_and_closed() {
     let err = receive(&back).expect_err("fds with the payload must be refused");
     assert_eq!(err.kind, DecodeErrorKind::FdsMisplaced);
     assert_eq!(open_fd_count(), before);
+}
+
+/// The back-end's reader (buffered, one read per frame) and the exact one (header, then
+/// payload).
+fn readers() -> [(&'static str, FrameReader); 2] {
+    [
+        ("buffered", FrameReader::new(false)),
+        ("exact", FrameReader::exact(false)),
+    ]
+}
+
+fn decode(frame: Frame) -> Result<Incoming, DecodeError> {
+    decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem)
+}
+
+#[test]
+fn fds_that_arrive_after_a_frames_first_read_are_refused_by_either_reader() {
+    let _serial = serial();
+    // A 20,500-byte OPS_RESULT whose fd rides on its last 500 bytes: no reader's first read
+    // of the frame (at most 8 KiB) reaches them.
+    let mut payload = [1u32.to_le_bytes(), 512u32.to_le_bytes()].concat();
+    payload.resize(8 + 512 * 40, 0);
+    let header = Header::new(RequestCode::OpsResult as u32, false, payload.len()).to_bytes();
+    let frame = [header.to_vec(), payload].concat();
+    for (name, mut reader) in readers() {
+        let (front, back) = UnixStream::pair().unwrap();
+        let memfd = memfd_with(b"x");
+        let before = open_fd_count();
+        send_bytes(&front, &frame[..20_000], &[]).unwrap();
+        send_bytes(&front, &frame[20_000..], &[memfd.as_fd()]).unwrap();
+        let err = decode(reader.recv(&back).unwrap()).expect_err(name);
+        assert_eq!(err.kind, DecodeErrorKind::FdsMisplaced, "{name}");
+        assert_eq!(open_fd_count(), before, "{name}");
+    }
+}
+
+#[test]
+fn fds_sent_with_the_header_alone_belong_to_its_message_with_either_reader() {
+    let _serial = serial();
+    let payload = encode_request(&mem_add());
+    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
+    for (name, mut reader) in readers() {
+        let (front, back) = UnixStream::pair().unwrap();
+        let memfd = memfd_with(b"x");
+        send_bytes(&front, &header, &[memfd.as_fd()]).unwrap();
+        send_bytes(&front, &payload, &[]).unwrap();
+        let incoming = decode(reader.recv(&back).unwrap()).expect(name);
+        assert_eq!(incoming.request, mem_add(), "{name}");
+        let fd = incoming.fd.expect(name);
+        assert_eq!(fstat(&fd).unwrap().st_ino, fstat(&memfd).unwrap().st_ino);
+    }
+}
+
+#[test]
+fn pipelined_messages_each_get_the_fds_sent_with_them_with_either_reader() {
+    let _serial = serial();
+    // Against §1, but a reader must still not move fds between messages: the fd-carrying
+    // message sits between two without fds, all three queued before the first read.
+    for (name, mut reader) in readers() {
+        let (front, back) = UnixStream::pair().unwrap();
+        let event = plain_eventfd();
+        send_request(&front, &Request::GetFeatures, &[]);
+        send_request(&front, &group_add(), &[&event]);
+        send_request(&front, &Request::GetFeatures, &[]);
+        let first = decode(reader.recv(&back).unwrap()).expect(name);
+        assert_eq!(
+            (first.request, first.fd.is_none()),
+            (Request::GetFeatures, true)
+        );
+        let second = decode(reader.recv(&back).unwrap()).expect(name);
+        assert_eq!(second.request, group_add(), "{name}");
+        let fd = second.fd.expect(name);
+        assert_eq!(fstat(&fd).unwrap().st_ino, fstat(&event).unwrap().st_ino);
+        let third = decode(reader.recv(&back).unwrap()).expect(name);
+        assert_eq!(
+            (third.request, third.fd.is_none()),
+            (Request::GetFeatures, true)
+        );
+    }
+}
+
+#[test]
+fn fds_on_the_payload_are_the_messages_when_it_arrives_in_one_read() {
+    let _serial = serial();
+    // §2.1: one read shows no boundary inside its bytes, so fds attached to the payload of a
+    // message whose header and payload are both queued go with the message. The exact reader
+    // reads the header alone and refuses them.
+    let payload = encode_request(&mem_add());
+    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
+    for (name, mut reader) in readers() {
+        let (front, back) = UnixStream::pair().unwrap();
+        let memfd = memfd_with(b"x");
+        send_bytes(&front, &header, &[]).unwrap();
+        send_bytes(&front, &payload, &[memfd.as_fd()]).unwrap();
+        let result = decode(reader.recv(&back).unwrap());
+        match name {
+            "buffered" => assert!(result.expect(name).fd.is_some()),
+            _ => assert_eq!(result.expect_err(name).kind, DecodeErrorKind::FdsMisplaced),
+        }
+    }
 }
 
 #[test]

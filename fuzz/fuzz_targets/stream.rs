@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() > 64 * 1024 {
         return;
     }
-    // Byte 0 picks the reader: exact (the back-end's) or buffered (the front-end's).
+    // Byte 0 picks the reader: exact, or buffered (the back-end's and the front-end's).
     let Some((&mode, data)) = data.split_first() else { return };
     let (mut front, back) = UnixStream::pair().expect("socketpair");
     front.write_all(data).expect("write");

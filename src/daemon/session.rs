@@ -136,9 +136,9 @@ pub fn serve(
     mut kernel: Box<dyn Kernel + Send>,
 ) {
     let mut objects = SessionObjects::default();
-    // Exact reads: fds that arrive with payload bytes are then refused deterministically
-    // (a buffered read could receive a header and a later write's fds together).
-    let mut reader = FrameReader::exact(false);
+    // One read per frame in the common case; fds go to the message that begins in their read
+    // (PROTOCOL §2.1).
+    let mut reader = FrameReader::new(false);
     let id = entry.id;
     loop {
         let frame = match reader.recv(&stream) {

@@ -509,7 +509,8 @@ pub fn decode_request(
 pub enum FdProblem {
     /// More than [`MAX_FDS`] fds were attached (received, or cut off by the kernel: MSG_CTRUNC).
     TooMany,
-    /// Fds arrived with payload bytes rather than with the header.
+    /// Fds arrived in a read in which the frame did not begin: with payload bytes, not with
+    /// the header.
     Misplaced,
 }
 

@@ -70,22 +70,26 @@ fn recv_once(
     Ok((msg.bytes, msg.flags.contains(ReturnFlags::CTRUNC)))
 }
 
-/// Fds that arrived with one `recvmsg`, and where in the stream that read began.
+/// Fds that arrived with one `recvmsg`, and the stream bytes `[start, end)` that read returned.
 struct Chunk {
     start: u64,
+    end: u64,
     fds: Vec<OwnedFd>,
     truncated: bool,
 }
 
 /// Reads frames from one connection.
 ///
-/// An exact reader reads the header, then the payload, never past the frame: fds that arrive
-/// with payload bytes are then always seen as such (the back-end refuses them). A buffered
-/// reader takes whatever the socket holds with one `recvmsg` (a frame sent with one `sendmsg`
-/// arrives whole) and keeps bytes beyond the frame for the next call; it attributes fds by
-/// stream position (the fds of a read belong to the frame in which that read began), but the
-/// kernel may deliver a later write's fds with the same read as a header, so it suits the
-/// front-end, whose replies carry no fds, and not the back-end.
+/// Fds belong to the message whose first byte arrived in the same read, and to the last such
+/// message if several begin in that read (PROTOCOL §2.1); fds in a read where no message
+/// begins arrived with later bytes of a message, which is then refused. A stream socket never
+/// returns bytes sent after fd-carrying bytes in the same read (unix(7): ancillary data is a
+/// barrier), so fds attached to a message's first byte always reach that message.
+///
+/// A buffered reader (the default) takes whatever the socket holds, up to 8 KiB or the rest
+/// of the frame, with one `recvmsg`, and keeps bytes beyond the frame for the next call: a
+/// frame sent with one `sendmsg` costs one read. An exact reader never reads past the frame
+/// (header, then payload), for callers that hand the socket to someone else between frames.
 pub struct FrameReader {
     expect_reply: bool,
     exact: bool,
@@ -98,8 +102,9 @@ pub struct FrameReader {
     chunks: VecDeque<Chunk>,
 }
 
-/// Space kept for reads; grown only for a frame that needs more.
-const READ_SPACE: usize = 4096;
+/// Space kept for reads; grown only for a frame that needs more. It holds a 512-entry TCE
+/// update (4132 bytes), the largest frame of the hot path, so that frame costs one read.
+const READ_SPACE: usize = 8192;
 
 impl FrameReader {
     /// A buffered reader. `expect_reply` is true on the front-end side (it receives replies).
@@ -163,8 +168,10 @@ impl FrameReader {
             self.accept_fds,
         )?;
         if !fds.is_empty() || truncated {
+            let start = self.position + self.available() as u64;
             self.chunks.push_back(Chunk {
-                start: self.position + self.available() as u64,
+                start,
+                end: start + n as u64,
                 fds,
                 truncated,
             });
@@ -209,10 +216,13 @@ impl FrameReader {
         let payload = self.buf[self.head + HEADER_SIZE..self.head + total].to_vec();
         let (start, end) = (self.position, self.position + total as u64);
         let (mut fds, mut misplaced, mut truncated) = (Vec::new(), false, false);
-        while self.chunks.front().is_some_and(|c| c.start < end) {
+        // A read that ends inside this frame saw no later frame begin: its fds are this
+        // frame's, well placed only if the read also holds the frame's first byte. A read that
+        // ends beyond the frame holds the start of a later frame, which gets its fds.
+        while self.chunks.front().is_some_and(|c| c.end <= end) {
             let chunk = self.chunks.pop_front().expect("checked above");
             truncated |= chunk.truncated;
-            misplaced |= chunk.start >= start + HEADER_SIZE as u64 && !chunk.fds.is_empty();
+            misplaced |= chunk.start > start && !chunk.fds.is_empty();
             fds.extend(chunk.fds);
         }
         self.head += total;
