@@ -142,10 +142,83 @@ pub(super) struct HwTable {
     /// `it_offset`, `it_size`: in IOMMU pages.
     pub(super) offset: u64,
     pub(super) size: u64,
-    pub(super) entries: BTreeMap<u64, HwTce>,
-    /// `it_userspace`: the user address cached per entry by whoever mapped it.
-    pub(super) userspace: BTreeMap<u64, u64>,
+    pub(super) entries: HwEntries,
     pub(super) refs: u32,
+}
+
+/// The entries of a hardware TCE table and its `it_userspace` cache, in pages of 512 entries
+/// allocated on first write and kept until the table goes, as the kernel allocates the levels
+/// of a multi-level table on demand.
+#[derive(Default)]
+pub(super) struct HwEntries {
+    pages: BTreeMap<u64, Box<[HwSlot]>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct HwSlot {
+    tce: Option<HwTce>,
+    /// The user address cached by whoever mapped the entry (0: none).
+    ua: u64,
+}
+
+const HW_PAGE_ENTRIES: u64 = 512;
+
+impl HwEntries {
+    fn slot(&self, entry: u64) -> Option<&HwSlot> {
+        let page = self.pages.get(&(entry / HW_PAGE_ENTRIES))?;
+        page.get((entry % HW_PAGE_ENTRIES) as usize)
+    }
+
+    fn slot_mut(&mut self, entry: u64) -> &mut HwSlot {
+        let page = self
+            .pages
+            .entry(entry / HW_PAGE_ENTRIES)
+            .or_insert_with(|| vec![HwSlot::default(); HW_PAGE_ENTRIES as usize].into());
+        &mut page[(entry % HW_PAGE_ENTRIES) as usize]
+    }
+
+    pub(super) fn get(&self, entry: u64) -> Option<HwTce> {
+        self.slot(entry).and_then(|s| s.tce)
+    }
+
+    /// Stores `new` at `entry`, returning what was there.
+    fn xchg(&mut self, entry: u64, new: Option<HwTce>) -> Option<HwTce> {
+        if new.is_none() && self.get(entry).is_none() {
+            return None;
+        }
+        std::mem::replace(&mut self.slot_mut(entry).tce, new)
+    }
+
+    fn userspace(&self, entry: u64) -> u64 {
+        self.slot(entry).map_or(0, |s| s.ua)
+    }
+
+    fn set_userspace(&mut self, entry: u64, ua: u64) {
+        if ua != 0 || self.userspace(entry) != 0 {
+            self.slot_mut(entry).ua = ua;
+        }
+    }
+
+    /// The entries in `[first, first + count)` that hold a TCE, in order.
+    pub(super) fn present(&self, first: u64, count: u64) -> Vec<u64> {
+        let end = first.saturating_add(count);
+        if end <= first {
+            return Vec::new();
+        }
+        let pages = first / HW_PAGE_ENTRIES..=(end - 1) / HW_PAGE_ENTRIES;
+        self.pages
+            .range(pages)
+            .flat_map(|(&page, slots)| {
+                let base = page * HW_PAGE_ENTRIES;
+                slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, slot)| slot.tce.is_some())
+                    .map(move |(i, _)| base + i as u64)
+            })
+            .filter(|entry| (first..end).contains(entry))
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -682,8 +755,7 @@ impl ModelKernel {
                 page_shift,
                 offset,
                 size,
-                entries: BTreeMap::new(),
-                userspace: BTreeMap::new(),
+                entries: HwEntries::default(),
                 refs: 1,
             },
         );
@@ -714,27 +786,18 @@ impl ModelKernel {
         entry: u64,
         new: Option<HwTce>,
     ) -> Option<HwTce> {
-        let t = self.hw_tables.get_mut(&id)?;
-        match new {
-            Some(tce) => t.entries.insert(entry, tce),
-            None => t.entries.remove(&entry),
-        }
+        self.hw_tables.get_mut(&id)?.entries.xchg(entry, new)
     }
 
     pub(super) fn hw_userspace(&self, id: HwTableId, entry: u64) -> u64 {
         self.hw_tables
             .get(&id)
-            .and_then(|t| t.userspace.get(&entry).copied())
-            .unwrap_or(0)
+            .map_or(0, |t| t.entries.userspace(entry))
     }
 
     pub(super) fn hw_set_userspace(&mut self, id: HwTableId, entry: u64, ua: u64) {
         if let Some(t) = self.hw_tables.get_mut(&id) {
-            if ua == 0 {
-                t.userspace.remove(&entry);
-            } else {
-                t.userspace.insert(entry, ua);
-            }
+            t.entries.set_userspace(entry, ua);
         }
     }
 
@@ -750,7 +813,7 @@ impl ModelKernel {
                 let t = self.hw_tables.get(id)?;
                 let entry = bus_addr >> t.page_shift;
                 (t.offset <= entry && entry < t.offset + t.size)
-                    .then(|| t.entries.get(&entry).copied())
+                    .then(|| t.entries.get(entry))
                     .flatten()
             })
     }
@@ -769,5 +832,46 @@ impl ModelKernel {
     /// `CONFIG_SPAPR_TCE_IOMMU`); the multi-TCE ones need `KVM_CAP_PPC_ENABLE_HCALL`.
     pub(super) fn default_hcalls() -> BTreeSet<u64> {
         [H_PUT_TCE, H_GET_TCE].into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod hw_entries_tests {
+    use super::*;
+
+    fn tce(ua: u64) -> Option<HwTce> {
+        Some(HwTce {
+            mm: Mm(1),
+            ua,
+            dir: DmaDir::Bidirectional,
+        })
+    }
+
+    #[test]
+    fn entries_across_pages_are_found_by_range_and_emptied_by_xchg() {
+        let mut entries = HwEntries::default();
+        for entry in [0, 511, 512, 1023, 5000] {
+            assert_eq!(entries.xchg(entry, tce(entry << 12)), None);
+        }
+        assert_eq!(entries.present(500, 20), [511, 512]);
+        assert_eq!(entries.present(512, 1), [512]);
+        assert_eq!(entries.present(1, 510), Vec::<u64>::new());
+        assert_eq!(entries.present(0, u64::MAX), [0, 511, 512, 1023, 5000]);
+        assert_eq!(entries.present(5000, 0), Vec::<u64>::new());
+        assert_eq!(entries.get(1023), tce(1023 << 12));
+        assert_eq!(entries.xchg(1023, None), tce(1023 << 12));
+        assert_eq!(entries.get(1023), None);
+        assert_eq!(entries.present(512, 1024), [512]);
+    }
+
+    #[test]
+    fn emptying_or_clearing_an_untouched_entry_allocates_no_page() {
+        let mut entries = HwEntries::default();
+        assert_eq!(entries.xchg(7 << 20, None), None);
+        entries.set_userspace(7 << 20, 0);
+        assert!(entries.pages.is_empty());
+        entries.set_userspace(3, 0x1000);
+        assert_eq!((entries.userspace(3), entries.get(3)), (0x1000, None));
+        assert_eq!(entries.pages.len(), 1);
     }
 }

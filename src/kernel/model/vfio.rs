@@ -748,12 +748,8 @@ impl ModelKernel {
             return;
         };
         let (v2, mm) = (d.v2, d.mm);
-        let present: Vec<u64> = match self.hw_tables.get(&t) {
-            Some(h) => h
-                .entries
-                .range(first..first.saturating_add(count))
-                .map(|(&e, _)| e)
-                .collect(),
+        let present = match self.hw_tables.get(&t) {
+            Some(h) => h.entries.present(first, count),
             None => return,
         };
         for entry in present {
