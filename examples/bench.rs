@@ -241,6 +241,8 @@ struct Echo {
     child: Child,
     request: Vec<u8>,
     reply: Vec<u8>,
+    /// Set when this side plays the front-end's system calls too (`request` is then a frame).
+    front_end: Option<FrameReader>,
 }
 
 impl Echo {
@@ -248,11 +250,16 @@ impl Echo {
         Self::spawn("echo", vec![0; request], reply)
     }
 
-    /// An echo that receives and replies with the daemon's system calls and does no work:
-    /// `request` (a whole frame) is read as the daemon reads it (one `recvmsg` with room for
-    /// fds), an `fstat` stands for the kernel call, and the reply is one `sendmsg`.
-    fn with_daemon_syscalls(request: Vec<u8>, reply: usize) -> Result<Self, Error> {
-        Self::spawn("echo-syscalls", request, reply)
+    /// A ping-pong with the system calls of the front-end and the daemon and no work: this
+    /// side sends `request` (a whole frame) with one `sendmsg` of header and payload, and
+    /// reads the reply with one `recvmsg`, as the client does; the echo reads as the daemon
+    /// reads (one `recvmsg` with room for fds), makes an `fstat` where the daemon calls the
+    /// kernel, and replies with one `sendmsg`.
+    fn with_syscalls(request: Vec<u8>, reply: usize) -> Result<Self, Error> {
+        let mut echo = Self::spawn("echo-syscalls", request, reply)?;
+        echo.front_end = Some(FrameReader::new(true).refusing_fds());
+        echo.round_trips(100)?;
+        Ok(echo)
     }
 
     fn spawn(kind: &str, request: Vec<u8>, reply: usize) -> Result<Self, Error> {
@@ -266,6 +273,7 @@ impl Echo {
             child,
             request,
             reply: vec![0; reply],
+            front_end: None,
         };
         echo.round_trips(100)?;
         Ok(echo)
@@ -273,9 +281,18 @@ impl Echo {
 
     fn round_trips(&mut self, rounds: u64) -> Result<Duration, Error> {
         let start = Instant::now();
-        for _ in 0..rounds {
-            self.sock.write_all(&self.request)?;
-            self.sock.read_exact(&mut self.reply)?;
+        if let Some(reader) = &mut self.front_end {
+            let (header, payload) = self.request.split_at(HEADER_SIZE);
+            let code = u32::from_le_bytes(header[..4].try_into()?);
+            for _ in 0..rounds {
+                send_frame(&self.sock, code, false, payload, &[])?;
+                reader.recv(&self.sock)?;
+            }
+        } else {
+            for _ in 0..rounds {
+                self.sock.write_all(&self.request)?;
+                self.sock.read_exact(&mut self.reply)?;
+            }
         }
         Ok(start.elapsed())
     }
@@ -327,6 +344,14 @@ fn echo_syscalls(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// CPU time the calling thread has run, in ns.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn frame_len(payload: usize) -> usize {
     HEADER_SIZE + payload
 }
@@ -373,20 +398,33 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
         .to_bytes()
         .to_vec();
     request_frame.extend_from_slice(&payload);
-    let mut syscalls_floor = Echo::with_daemon_syscalls(request_frame, reply)?;
+    let mut syscalls_floor = Echo::with_syscalls(request_frame, reply)?;
+    let mut work = InProc::new()?;
+    for i in 0..WARM_UP {
+        work.run(Request::TceUpdate(one_entry(i)), None)?;
+    }
+    let mut inproc = Vec::new();
     let (mut daemon, mut ipc) = (Vec::new(), Vec::new());
     let (mut daemon_cpu, mut echo_cpu, mut syscalls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut client_cpu, mut floor_client_cpu) = (Vec::new(), Vec::new());
     for _ in 0..TRIALS {
-        let (start, cpu) = (Instant::now(), sidecar.cpu_ns());
+        let (start, cpu, own) = (Instant::now(), sidecar.cpu_ns(), thread_cpu_ns());
         for i in 0..rounds {
             client.tce_update(one_entry(i))?;
         }
         daemon.push(per(start.elapsed(), rounds));
+        client_cpu.push((thread_cpu_ns() - own) as f64 / rounds as f64);
         daemon_cpu.push((sidecar.cpu_ns() - cpu) as f64 / rounds as f64);
-        let cpu = floor.cpu_ns();
+        let (cpu, own) = (floor.cpu_ns(), thread_cpu_ns());
         ipc.push(per(floor.round_trips(rounds)?, rounds));
+        floor_client_cpu.push((thread_cpu_ns() - own) as f64 / rounds as f64);
         echo_cpu.push((floor.cpu_ns() - cpu) as f64 / rounds as f64);
         syscalls.push(per(syscalls_floor.round_trips(rounds)?, rounds));
+        let start = Instant::now();
+        for i in 0..rounds {
+            work.run(Request::TceUpdate(one_entry(i)), None)?;
+        }
+        inproc.push(per(start.elapsed(), rounds));
     }
     let (daemon, ipc) = (median(daemon), median(ipc));
     let ratio = daemon / ipc;
@@ -401,138 +439,164 @@ fn p1(sidecar: &Sidecar) -> Result<f64, Error> {
         echo_cpu / 1000.0
     );
     println!(
+        "P1 CPU time per round trip: the front-end {:.1} us, the ping-pong's {:.1} us",
+        median(client_cpu) / 1000.0,
+        median(floor_client_cpu) / 1000.0
+    );
+    println!(
         "P1 raw socketpair ping-pong ({request}+{reply} bytes): {:.1} us",
         ipc / 1000.0
     );
     let syscalls = median(syscalls);
     println!(
-        "P1 the same ping-pong, its echo making the daemon's system calls and no work: {:.1} us ({:.2} x ipc)",
+        "P1 the same ping-pong with the front-end's and the daemon's system calls and no work: {:.1} us ({:.2} x ipc)",
         syscalls / 1000.0,
         syscalls / ipc
+    );
+    println!(
+        "P1 the same updates in-process (engine + model, no socket): {:.1} us",
+        median(inproc) / 1000.0
     );
     println!("P1 latency ratio daemon/ipc: {ratio:.2} (target <= 1.25)");
     Ok(ratio)
 }
 
-/// The same 512-entry updates applied by the engine and the model in one process, as the
-/// sidecar would without the socket. Front-end calls (FILE_ADD) are answered as done: the
-/// timed loop makes none.
-fn inproc(rounds: u64) -> Result<Duration, Error> {
-    let server = ModelServer::new(ModelKernel::new(Platform::powernv(), &[1]));
-    let model = server.handle_as(Mm(7));
-    let mut kernel = ModelBackend::new(server.handle_as(Mm(7)));
-    let memfd = rustix::fs::memfd_create("ram", rustix::fs::MemfdFlags::CLOEXEC)?;
-    rustix::fs::ftruncate(&memfd, RAM)?;
-    let map = tce_sidecar::kernel::linux::SharedMapping::map(memfd.as_fd(), RAM as usize)?;
-    kernel.memory_mapped(memfd.as_fd(), 0, map.addr(), RAM)?;
-    let mut objects = ObjectTable::default();
-    objects.regions.insert(
-        RegionId(0),
-        Mapping {
-            addr: map.addr(),
-            size: RAM,
-        },
-    );
-    objects.groups.insert(GroupId(0), model.open_vfio_group(1)?);
-    let table = rustix::fs::memfd_create("table", rustix::fs::MemfdFlags::CLOEXEC)?;
-    rustix::fs::ftruncate(&table, ENTRIES * 8)?;
-    objects.tables.insert(TableId(0), (table, ENTRIES));
-    let host = Host {
-        features: FEATURES_KNOWN,
-        page_size: PAGE,
-        limits: Limits::default(),
-    };
-    let mut session = Session::new(host);
-    let mut run =
-        |session: &mut Session, request: Request, fd: Option<FdFacts>| -> Result<(), Error> {
-            let mut action = session.handle(request, fd);
-            loop {
-                action = match action {
-                    Action::Execute(ops) => {
-                        let results = ops.iter().map(|op| kernel.execute(op, &objects)).collect();
-                        session.sidecar_results(results)
-                    }
-                    Action::Reply(reply) if reply.ops.is_empty() => {
-                        return if reply.status == 0 {
-                            Ok(())
-                        } else {
-                            Err(reply.text.into())
-                        };
-                    }
-                    Action::Reply(reply) => {
-                        let results = reply
-                            .ops
-                            .iter()
-                            .map(|op| OpResult {
-                                kind: op.kind(),
-                                status: 0,
-                                out: [0; 4],
-                            })
-                            .collect();
-                        session.handle(
-                            Request::OpsResult {
-                                transaction: reply.transaction,
-                                results,
-                            },
-                            None,
-                        )
-                    }
-                    Action::Closed => return Ok(()),
-                }
-            }
+/// A session applied by the engine and the model in one process, as the sidecar would
+/// without the socket. Front-end calls (FILE_ADD) are answered as done: the timed loops make
+/// none.
+struct InProc {
+    session: Session,
+    kernel: ModelBackend,
+    objects: ObjectTable,
+    _ram: tce_sidecar::kernel::linux::SharedMapping,
+}
+
+impl InProc {
+    /// An isolated session with the RAM, one group, one table and its window.
+    fn new() -> Result<Self, Error> {
+        let server = ModelServer::new(ModelKernel::new(Platform::powernv(), &[1]));
+        let model = server.handle_as(Mm(7));
+        let mut kernel = ModelBackend::new(server.handle_as(Mm(7)));
+        let memfd = rustix::fs::memfd_create("ram", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&memfd, RAM)?;
+        let map = tce_sidecar::kernel::linux::SharedMapping::map(memfd.as_fd(), RAM as usize)?;
+        kernel.memory_mapped(memfd.as_fd(), 0, map.addr(), RAM)?;
+        let mut objects = ObjectTable::default();
+        objects.regions.insert(
+            RegionId(0),
+            Mapping {
+                addr: map.addr(),
+                size: RAM,
+            },
+        );
+        objects.groups.insert(GroupId(0), model.open_vfio_group(1)?);
+        let table = rustix::fs::memfd_create("table", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&table, ENTRIES * 8)?;
+        objects.tables.insert(TableId(0), (table, ENTRIES));
+        let host = Host {
+            features: FEATURES_KNOWN,
+            page_size: PAGE,
+            limits: Limits::default(),
         };
-    run(
-        &mut session,
-        Request::SetFeatures {
-            features: FEATURE_MODE_ISOLATED,
-        },
-        None,
-    )?;
-    let region = MemRegion {
-        region_id: 0,
-        guest_addr: 0,
-        size: RAM,
-        user_addr: map.addr(),
-        mmap_offset: 0,
-    };
-    run(
-        &mut session,
-        Request::MemAdd(region),
-        Some(FdFacts {
+        let region = MemRegion {
+            region_id: 0,
+            guest_addr: 0,
+            size: RAM,
+            user_addr: map.addr(),
+            mmap_offset: 0,
+        };
+        let mut this = Self {
+            session: Session::new(host),
+            kernel,
+            objects,
+            _ram: map,
+        };
+        this.run(
+            Request::SetFeatures {
+                features: FEATURE_MODE_ISOLATED,
+            },
+            None,
+        )?;
+        let ram = FdFacts {
             size: RAM,
             page_size: PAGE,
-        }),
-    )?;
-    run(
-        &mut session,
-        Request::GroupAdd(GroupDesc {
-            group_id: 0,
+        };
+        this.run(Request::MemAdd(region), Some(ram))?;
+        this.run(
+            Request::GroupAdd(GroupDesc {
+                group_id: 0,
+                container_id: 0,
+                iommu_group: 1,
+            }),
+            None,
+        )?;
+        let desc = TableDesc {
+            table_id: 0,
             container_id: 0,
-            iommu_group: 1,
-        }),
-        None,
-    )?;
-    let desc = TableDesc {
-        table_id: 0,
-        container_id: 0,
-        liobn: 1,
-        page_shift: 12,
-        bus_offset: 0,
-        entries: ENTRIES,
-    };
-    run(
-        &mut session,
-        Request::TableAdd(desc),
-        Some(FdFacts {
+            liobn: 1,
+            page_shift: 12,
+            bus_offset: 0,
+            entries: ENTRIES,
+        };
+        let table = FdFacts {
             size: ENTRIES * 8,
             page_size: PAGE,
-        }),
-    )?;
-    run(&mut session, Request::WindowCreate { table_id: 0 }, None)?;
+        };
+        this.run(Request::TableAdd(desc), Some(table))?;
+        this.run(Request::WindowCreate { table_id: 0 }, None)?;
+        Ok(this)
+    }
+
+    /// Runs one request to its final reply.
+    fn run(&mut self, request: Request, fd: Option<FdFacts>) -> Result<(), Error> {
+        let mut action = self.session.handle(request, fd);
+        loop {
+            action = match action {
+                Action::Execute(ops) => {
+                    let results = ops
+                        .iter()
+                        .map(|op| self.kernel.execute(op, &self.objects))
+                        .collect();
+                    self.session.sidecar_results(results)
+                }
+                Action::Reply(reply) if reply.ops.is_empty() => {
+                    return if reply.status == 0 {
+                        Ok(())
+                    } else {
+                        Err(reply.text.into())
+                    };
+                }
+                Action::Reply(reply) => {
+                    let results = reply
+                        .ops
+                        .iter()
+                        .map(|op| OpResult {
+                            kind: op.kind(),
+                            status: 0,
+                            out: [0; 4],
+                        })
+                        .collect();
+                    self.session.handle(
+                        Request::OpsResult {
+                            transaction: reply.transaction,
+                            results,
+                        },
+                        None,
+                    )
+                }
+                Action::Closed => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The same 512-entry updates and clears as P2, applied in-process on a new session.
+fn inproc(rounds: u64) -> Result<Duration, Error> {
+    let mut inproc = InProc::new()?;
     let start = Instant::now();
     for i in 0..rounds {
-        run(&mut session, Request::TceUpdate(batch(i)), None)?;
-        run(&mut session, Request::TceUpdate(clear(i)), None)?;
+        inproc.run(Request::TceUpdate(batch(i)), None)?;
+        inproc.run(Request::TceUpdate(clear(i)), None)?;
     }
     Ok(start.elapsed())
 }
