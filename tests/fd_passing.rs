@@ -3,7 +3,7 @@
 
 use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
 
@@ -222,11 +222,8 @@ fn exact_reader_refuses_and_closes_fds_attached_to_payload_bytes() {
     let _serial = serial();
     let (front, back) = UnixStream::pair().unwrap();
     let memfd = memfd_with(b"x");
-    let payload = encode_request(&mem_add());
-    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
     let before = open_fd_count();
-    send_bytes(&front, &header, &[]).unwrap();
-    send_bytes(&front, &payload, &[memfd.as_fd()]).unwrap();
+    send_mem_add_in_two_writes(&front, &memfd, false);
     let err = receive(&back).expect_err("fds with the payload must be refused");
     assert_eq!(err.kind, DecodeErrorKind::FdsMisplaced);
     assert_eq!(open_fd_count(), before);
@@ -266,16 +263,25 @@ fn fds_that_arrive_after_a_frames_first_read_are_refused_by_either_reader() {
     }
 }
 
+/// Sends MEM_ADD in two writes, the header and then the payload, with `memfd` attached to
+/// the header's write or to the payload's.
+fn send_mem_add_in_two_writes(front: &UnixStream, memfd: &OwnedFd, with_header: bool) {
+    let payload = encode_request(&mem_add());
+    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
+    let fd = [memfd.as_fd()];
+    let (on_header, on_payload): (&[BorrowedFd<'_>], &[BorrowedFd<'_>]) =
+        if with_header { (&fd, &[]) } else { (&[], &fd) };
+    send_bytes(front, &header, on_header).unwrap();
+    send_bytes(front, &payload, on_payload).unwrap();
+}
+
 #[test]
 fn fds_sent_with_the_header_alone_belong_to_its_message_with_either_reader() {
     let _serial = serial();
-    let payload = encode_request(&mem_add());
-    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
     for (name, mut reader) in readers() {
         let (front, back) = UnixStream::pair().unwrap();
         let memfd = memfd_with(b"x");
-        send_bytes(&front, &header, &[memfd.as_fd()]).unwrap();
-        send_bytes(&front, &payload, &[]).unwrap();
+        send_mem_add_in_two_writes(&front, &memfd, true);
         let incoming = decode(reader.recv(&back).unwrap()).expect(name);
         assert_eq!(incoming.request, mem_add(), "{name}");
         let fd = incoming.fd.expect(name);
@@ -317,13 +323,10 @@ fn fds_on_the_payload_are_the_messages_when_it_arrives_in_one_read() {
     // §2.1: one read shows no boundary inside its bytes, so fds attached to the payload of a
     // message whose header and payload are both queued go with the message. The exact reader
     // reads the header alone and refuses them.
-    let payload = encode_request(&mem_add());
-    let header = Header::new(RequestCode::MemAdd as u32, false, payload.len()).to_bytes();
     for (name, mut reader) in readers() {
         let (front, back) = UnixStream::pair().unwrap();
         let memfd = memfd_with(b"x");
-        send_bytes(&front, &header, &[]).unwrap();
-        send_bytes(&front, &payload, &[memfd.as_fd()]).unwrap();
+        send_mem_add_in_two_writes(&front, &memfd, false);
         let result = decode(reader.recv(&back).unwrap());
         match name {
             "buffered" => assert!(result.expect(name).fd.is_some()),
