@@ -18,7 +18,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use tce_sidecar::client::model_vm::ModelVm;
@@ -682,14 +682,19 @@ fn latencies(
     rounds: u64,
     pace: Duration,
     phase: f64,
-    barrier: &Barrier,
+    start: &(Barrier, OnceLock<Instant>),
 ) -> Result<Vec<Duration>, Error> {
+    let (barrier, epoch) = start;
     let set_up = warmed_session(sidecar, iommu_group);
     // Every thread reaches both barriers, whatever fails, so none waits forever.
     barrier.wait();
+    // Phases count from one instant for all sessions, not from each thread's wake-up after
+    // the barrier (hundreds of threads wake over milliseconds, in no set order, which would
+    // bunch their updates). The margin lets every thread wake before its first update.
+    let epoch = *epoch.get_or_init(|| Instant::now() + Duration::from_millis(20));
     let measured = set_up.and_then(|(vm, mut client)| {
         let mut samples = Vec::with_capacity(rounds as usize);
-        let mut next = Instant::now() + pace.mul_f64(phase);
+        let mut next = epoch + pace.mul_f64(phase);
         for i in 0..rounds {
             let now = Instant::now();
             if next > now {
@@ -718,13 +723,13 @@ fn load(
 ) -> Result<Vec<Duration>, Error> {
     let pace = Duration::from_secs_f64(f64::from(sessions) / rate);
     let rounds = (seconds * rate / f64::from(sessions)) as u64;
-    let barrier = Arc::new(Barrier::new(sessions as usize));
+    let start = Arc::new((Barrier::new(sessions as usize), OnceLock::new()));
     let threads: Vec<_> = (0..sessions)
         .map(|i| {
-            let (sidecar, barrier) = (Arc::clone(sidecar), Arc::clone(&barrier));
+            let (sidecar, start) = (Arc::clone(sidecar), Arc::clone(&start));
             let phase = f64::from(i) / f64::from(sessions);
             std::thread::spawn(move || {
-                latencies(&sidecar, first_group + i, rounds, pace, phase, &barrier)
+                latencies(&sidecar, first_group + i, rounds, pace, phase, &start)
                     .map_err(|e| e.to_string())
             })
         })
