@@ -135,8 +135,7 @@ impl Sidecar {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|task| schedstat_ns(task.path().join("schedstat")))
             .sum()
     }
 
@@ -247,7 +246,7 @@ struct Echo {
 
 impl Echo {
     fn start(request: usize, reply: usize) -> Result<Self, Error> {
-        Self::spawn("echo", vec![0; request], reply)
+        Self::spawn("echo", vec![0; request], reply, None)
     }
 
     /// A ping-pong with the system calls of the front-end and the daemon and no work: this
@@ -256,13 +255,16 @@ impl Echo {
     /// reads (one `recvmsg` with room for fds), makes an `fstat` where the daemon calls the
     /// kernel, and replies with one `sendmsg`.
     fn with_syscalls(request: Vec<u8>, reply: usize) -> Result<Self, Error> {
-        let mut echo = Self::spawn("echo-syscalls", request, reply)?;
-        echo.front_end = Some(FrameReader::new(true).refusing_fds());
-        echo.round_trips(100)?;
-        Ok(echo)
+        let reader = FrameReader::new(true).refusing_fds();
+        Self::spawn("echo-syscalls", request, reply, Some(reader))
     }
 
-    fn spawn(kind: &str, request: Vec<u8>, reply: usize) -> Result<Self, Error> {
+    fn spawn(
+        kind: &str,
+        request: Vec<u8>,
+        reply: usize,
+        front_end: Option<FrameReader>,
+    ) -> Result<Self, Error> {
         let (sock, theirs) = UnixStream::pair()?;
         let child = server_command(&std::env::current_exe()?)
             .args([kind, &request.len().to_string(), &reply.to_string()])
@@ -273,7 +275,7 @@ impl Echo {
             child,
             request,
             reply: vec![0; reply],
-            front_end: None,
+            front_end,
         };
         echo.round_trips(100)?;
         Ok(echo)
@@ -301,10 +303,7 @@ impl Echo {
 impl Echo {
     /// CPU time the echo process has run, in ns.
     fn cpu_ns(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/schedstat", self.child.id()))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        schedstat_ns(format!("/proc/{}/schedstat", self.child.id()))
     }
 }
 
@@ -344,12 +343,17 @@ fn echo_syscalls(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// CPU time the calling thread has run, in ns.
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
+/// CPU time a task has run, in ns: the first field of its `schedstat` (0 if unreadable).
+fn schedstat_ns(path: impl AsRef<Path>) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time the calling thread has run, in ns.
+fn thread_cpu_ns() -> u64 {
+    schedstat_ns("/proc/thread-self/schedstat")
 }
 
 fn frame_len(payload: usize) -> usize {
