@@ -7,7 +7,7 @@
 //! hypercalls. One `LAB ...` summary line per mode on stdout.
 //!
 //! ```text
-//! lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH
+//! lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated]
 //! lab_frontend check-refusals --vm-pid PID --container-pid PID   (the helper process)
 //! ```
 //!
@@ -634,11 +634,17 @@ fn run(args: &[String]) -> Result<bool, Error> {
     let machine = arg(args, "--machine")?;
     let group = PathBuf::from(arg(args, "--group")?);
     let binary = PathBuf::from(arg(args, "--sidecar")?);
+    let modes = match arg(args, "--mode").ok().as_deref() {
+        None => vec![OwnershipMode::Accelerated, OwnershipMode::Isolated],
+        Some("accelerated") => vec![OwnershipMode::Accelerated],
+        Some("isolated") => vec![OwnershipMode::Isolated],
+        Some(other) => return Err(format!("unknown mode {other}").into()),
+    };
     let sidecar = Sidecar::start(&binary, Path::new("/tmp/tce-lab"))?;
     let pid = sidecar.child.id();
     println!("lab: sidecar pid {pid} on {}", sidecar.socket.display());
     let mut pass = true;
-    for mode in [OwnershipMode::Accelerated, OwnershipMode::Isolated] {
+    for mode in modes {
         let started = Instant::now();
         let outcome = RealVm::create(&group)
             .and_then(|mut vm| scenario::run_session(&mut vm, &sidecar.socket, pid, mode));
@@ -667,7 +673,7 @@ fn main() {
             let owner: u32 = arg(&args, "--container-pid")?.parse()?;
             check_refusals(vm, owner).map(|()| true)
         })(),
-        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH | check-refusals --vm-pid PID --container-pid PID".into()),
+        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated] | check-refusals --vm-pid PID --container-pid PID".into()),
     };
     match result {
         Ok(true) => {}

@@ -37,21 +37,6 @@ copy_module() {
     done
 }
 
-# summary_line LOG PREFIX: the run's summary line starting with PREFIX (e.g. "LAB machine=m
-# mode=x"), or a FAIL line saying why there is none; RC is QEMU's exit status and TIMEOUT its
-# limit. Returns 0 when the line says PASS.
-summary_line() {
-    local line why
-    line=$(grep -a -m1 "^$2 " "$1" | tr -d '\r' || true)
-    if [ -z "$line" ]; then
-        why="no summary line"
-        [ "$rc" = 124 ] && why="no summary line; QEMU timed out after $TIMEOUT s"
-        line="$2 result=FAIL why=\"$why\""
-    fi
-    echo "$line"
-    grep -q ' result=PASS' <<<"$line"
-}
-
 # kernel_warned LOG LABEL: whether LOG holds a kernel WARN splat ("WARNING: CPU: n PID: m at
 # ..."), printed under LABEL. One is kvm_spapr_tce_release_vfio_group's, for a group file that
 # leaves the kvm-vfio device without ever having been associated: the sidecar must never cause

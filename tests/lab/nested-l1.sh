@@ -1,7 +1,13 @@
 #!/bin/sh
 # init of L1 in tests/lab/nested.sh: the emulated POWER9 host. Binds the e1000e to vfio-pci, then
-# for each mode runs the real tce-sidecar and the patched QEMU, whose KVM guest (L2) downloads a
-# file through the passed-through NIC, and prints one `NESTED mode=… result=…` line.
+# for each case named in NESTED_CASES runs the real tce-sidecar and the patched QEMU, whose KVM
+# guest (L2) downloads a file through the passed-through NIC, and prints one `NESTED mode=…
+# result=…` line.
+#
+# Every step of a case has its own deadline (tests/lab/boots.sh says how they are announced):
+# sized from what the step does, several times what it takes on the machines the README's figures
+# come from. A step that runs out ends its case with a FAIL line naming the step, and the next
+# case begins.
 export PATH=/bin LD_LIBRARY_PATH=/qemu/lib
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -10,8 +16,11 @@ mount -t tmpfs tmp /tmp
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 PORT=$(arg NESTED_PORT)
 BYTES=$(arg NESTED_BYTES)
+CASES=$(arg NESTED_CASES | tr , ' ')
 echo "L1: kernel $(cat /proc/sys/kernel/osrelease)"
+echo "STEP case=host step=load-modules seconds=120"
 for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L1: insmod $m failed"; done
+echo "STEP case=host step=bind-vfio-pci seconds=60"
 dev=""
 for d in /sys/bus/pci/devices/*; do
     case "$(cat $d/vendor):$(cat $d/device)" in 0x8086:0x10d3) dev=$d ;; esac
@@ -23,33 +32,97 @@ echo $B >/sys/bus/pci/drivers_probe
 echo "L1: $B bound to $(basename $(readlink $dev/driver)), group $(basename $(readlink $dev/iommu_group))"
 CAPS=cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off,cap-hpt-max-page-size=4096
 
-# wait_for PATTERN FILE SECONDS
-wait_for() {
-    i=0
-    while ! grep -q "$1" "$2" 2>/dev/null; do
-        [ $i -ge $3 ] && return 1
-        sleep 1
-        i=$((i + 1))
-    done
-}
+# Deadlines (seconds), each several times what the step takes under TCG on a 2-CPU x86_64 host
+# running two labs at once (in brackets): the sidecar's start [1]; QEMU's start to L2's init in
+# accelerated mode [28] and in isolated mode, where each TCE entry L2's kernel clears at boot is a
+# round trip to the sidecar [70]; L2's network [3-4]; stopping QEMU or the sidecar [1-7]; a
+# reconnection [5-15]. A download may run at 32 KiB/s, a fifth of isolated mode's slowest
+# measured rate, plus a minute to set up.
+SIDECAR_SECONDS=30
+L2_BOOT_SECONDS=240
+L2_BOOT_SECONDS_ISOLATED=600
+NETWORK_SECONDS=120
+STOP_SECONDS=60
+RECONNECT_SECONDS=120
+DOWNLOAD_SECONDS=$((60 + BYTES / (32 * 1024)))
+
+uptime_s() { cut -d. -f1 /proc/uptime; }
 vmlck() { awk '/^VmLck:/ { print $2 }' /proc/$1/status; }
 count() { grep -c -E "^($1)" /tmp/q.log; }
 status_field() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" /tmp/status.json | head -n1; }
+fail() { why="${why:+$why; }$*"; }
 
+# await CASE STEP SECONDS PATTERN FILE: announces STEP of CASE, then waits at most SECONDS for
+# PATTERN in FILE while QEMU runs. On a time-out or QEMU's exit: fail naming the step (and, in a
+# download, the bytes so far), return 1. Relays L2's download progress to the console.
+await() {
+    echo "STEP case=$1 step=$2 seconds=$3"
+    t0=$(uptime_s)
+    last=""
+    while ! grep -q "$4" "$5" 2>/dev/null; do
+        p=$(grep '^L2-PROGRESS ' /tmp/l2.log | tail -n1 | tr -d '\r' | sed 's/.* bytes=//')
+        if [ -n "$p" ] && [ "$p" != "$last" ]; then
+            last=$p
+            echo "PROGRESS case=$1 download at $p bytes"
+        fi
+        if ! kill -0 $qp 2>/dev/null; then
+            fail "QEMU exited in step $2${last:+ (download at $last bytes)}"
+            return 1
+        fi
+        if [ $(($(uptime_s) - t0)) -ge $3 ]; then
+            fail "step $2 ran out of time after $3 s${last:+ (download at $last bytes)}"
+            return 1
+        fi
+        sleep 1
+    done
+    echo "L1: $1: $2 took $(($(uptime_s) - t0)) s"
+}
+
+# stop CASE WHAT PID: SIGTERM, then at most STOP_SECONDS for PID to exit (SIGKILL after that).
+stop() {
+    echo "STEP case=$1 step=stop-$2 seconds=$STOP_SECONDS"
+    kill $3 2>/dev/null
+    t0=$(uptime_s)
+    while kill -0 $3 2>/dev/null; do
+        if [ $(($(uptime_s) - t0)) -ge $STOP_SECONDS ]; then
+            fail "step stop-$2: still running $STOP_SECONDS s after SIGTERM"
+            kill -9 $3
+            break
+        fi
+        sleep 1
+    done
+    wait $3
+}
+
+# start_sidecar CASE: a fresh sidecar on /tmp/sc.sock; sets sc
 start_sidecar() {
+    echo "STEP case=$1 step=start-sidecar seconds=$SIDECAR_SECONDS"
     rm -f /tmp/sc.sock
     /tce-sidecar --socket-path /tmp/sc.sock >>/tmp/sc.log 2>&1 &
     sc=$!
     i=0
-    while [ ! -S /tmp/sc.sock ] && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
+    while [ ! -S /tmp/sc.sock ]; do
+        [ $i -ge $SIDECAR_SECONDS ] && {
+            fail "step start-sidecar: no socket after $SIDECAR_SECONDS s"
+            return 1
+        }
+        sleep 1
+        i=$((i + 1))
+    done
 }
 
-# start_qemu MODE GUEST_ARGS: the L2 guest with the NIC on a sidecar-backed container; sets qp
+# start_qemu MODE GUEST_ARGS: the L2 guest with the NIC on a sidecar-backed container; sets qp.
+# A restarted sidecar is back within seconds; reconnect-attempts=$RECONNECT_SECONDS (1 s apart)
+# keeps the reconnection case within its deadline rather than within the default 10 s. The
+# default DMA window is 128 MiB (32768 entries), not 1 GiB: ample for the NIC's buffers, and L2's
+# kernel clears the whole window at boot, which in isolated mode is a round trip to the sidecar
+# per entry.
 start_qemu() {
     /qemu/bin/qemu-system-ppc64 -L /qemu/share \
         -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
         -object memory-backend-memfd,id=ram0,size=256M,share=on \
-        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$1 \
+        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$1,reconnect-attempts=$RECONNECT_SECONDS \
+        -global spapr-pci-host-bridge.dma_win_size=0x8000000 \
         -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
         -kernel /l2/vmlinux -initrd /l2/initrd.gz \
         -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $2" \
@@ -74,30 +147,49 @@ report_failure() {
     cat /tmp/sc.log /tmp/status.json
 }
 
-# begin_run MODE GUEST_ARGS: fresh logs, a sidecar and the guest
-begin_run() {
+# begin CASE MODE GUEST_ARGS: fresh logs, a sidecar, the guest booted with its network up.
+# Returns 1 (with why set) if a step failed.
+begin() {
     : >/tmp/l2.log
     : >/tmp/sc.log
     : >/tmp/status.json
-    start_sidecar
-    start_qemu "$1" "$2"
     why=""
+    qp=""
+    lck_qemu=""
+    lck_sidecar=""
+    start_sidecar $1 || return 1
+    start_qemu $2 "$3"
+    boot_seconds=$L2_BOOT_SECONDS
+    [ $2 = isolated ] && boot_seconds=$L2_BOOT_SECONDS_ISOLATED
+    await $1 boot-l2 $boot_seconds '^L2-BOOTED' /tmp/l2.log &&
+        await $1 guest-network $NETWORK_SECONDS '^L2-NETWORK' /tmp/l2.log
 }
 
-# run_mode NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
-run_mode() {
+# end CASE: stops what still runs of QEMU and the sidecar
+end() {
+    [ -n "$qp" ] && kill -0 $qp 2>/dev/null && stop $1 qemu $qp
+    kill -0 $sc 2>/dev/null && stop $1 sidecar $sc
+}
+
+# verdict CASE DETAIL: the case's summary line
+verdict() {
+    result=PASS
+    [ -n "$why" ] && result=FAIL
+    echo "NESTED mode=$1 result=$result $2${why:+ why=\"$why\"}"
+    [ $result = FAIL ] && report_failure $1
+}
+
+# run_transfer NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
+run_transfer() {
     name=$1
     mode=$2
     guest_args=$3
-    begin_run $mode "$guest_args"
-    wait_for L2-DONE /tmp/l2.log 600 || why="L2 did not finish"
-    /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
-    lck_qemu=$(vmlck $qp)
-    lck_sidecar=$(vmlck $sc)
-    kill $qp
-    wait $qp
-    kill $sc
-    wait $sc
+    if begin $name $mode "$guest_args" && await $name download $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log; then
+        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+        lck_qemu=$(vmlck $qp)
+        lck_sidecar=$(vmlck $sc)
+    fi
+    end $name
     transfer=$(grep -m1 '^L2-TRANSFER name=first ' /tmp/l2.log | tr -d '\r')
     got=$(echo "$transfer" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p')
     secs=$(echo "$transfer" | sed -n 's/.* seconds=\([0-9.]*\).*/\1/p')
@@ -107,36 +199,38 @@ run_mode() {
     windows=$(count 'vfio_sidecar_window_create ')
     sc_updates=$(status_field updates_forwarded)
     sc_maps=$(status_field maps)
-    [ "$got" = "$BYTES" ] || why="${why:+$why; }L2 received ${got:-nothing} of $BYTES bytes"
+    [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes"
     [ "$qemu_updates" = "${sc_updates:-x}" ] ||
-        why="${why:+$why; }QEMU forwarded $qemu_updates updates, the sidecar counted ${sc_updates:-none}"
+        fail "QEMU forwarded $qemu_updates updates, the sidecar counted ${sc_updates:-none}"
     case $guest_args in
     *disable_ddw*) want_windows=1 ;;
     *) want_windows=2 ;;
     esac
     [ "$windows" -ge $want_windows ] ||
-        why="${why:+$why; }$windows windows created through the sidecar, expected $want_windows"
+        fail "$windows windows created through the sidecar, expected $want_windows"
     if [ $mode = accelerated ]; then
         # the guest's TCE hypercalls complete in L1's KVM; only H_TOO_HARD ones reach QEMU
-        [ "$fallbacks" -le 16 ] || why="${why:+$why; }$fallbacks hypercalls reached QEMU"
-        [ "${lck_qemu:-0}" -ge 262144 ] || why="${why:+$why; }QEMU VmLck ${lck_qemu} kB < guest RAM"
+        [ "$fallbacks" -le 16 ] || fail "$fallbacks hypercalls reached QEMU"
+        [ "${lck_qemu:-0}" -ge 262144 ] || fail "QEMU VmLck ${lck_qemu} kB < guest RAM"
     else
         # every TCE hypercall exits to QEMU and is forwarded; the sidecar pins guest RAM
-        [ "$fallbacks" -ge 1 ] || why="${why:+$why; }no hypercall reached QEMU"
-        [ "${lck_sidecar:-0}" -ge 262144 ] || why="${why:+$why; }sidecar VmLck ${lck_sidecar} kB < guest RAM"
-        [ "${lck_qemu:-0}" -lt 262144 ] || why="${why:+$why; }QEMU VmLck ${lck_qemu} kB holds guest RAM"
+        [ "$fallbacks" -ge 1 ] || fail "no hypercall reached QEMU"
+        [ "${lck_sidecar:-0}" -ge 262144 ] || fail "sidecar VmLck ${lck_sidecar} kB < guest RAM"
+        [ "${lck_qemu:-0}" -lt 262144 ] || fail "QEMU VmLck ${lck_qemu} kB holds guest RAM"
     fi
-    result=PASS
-    [ -n "$why" ] && result=FAIL
-    echo "NESTED mode=$name result=$result bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none}${why:+ why=\"$why\"}"
-    [ $result = FAIL ] && report_failure $name
+    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none}"
 }
 
 # run_fault MODE: the sidecar is killed (SIGKILL) while the guest downloads.
 run_fault() {
     mode=$1
-    begin_run $mode "disable_ddw NESTED_FAULT=kill"
-    wait_for L2-FAULT-START /tmp/l2.log 600 || why="L2 did not reach the fault"
+    name=$mode-kill
+    if ! begin $name $mode "disable_ddw NESTED_FAULT=kill" ||
+        ! await $name start-download $NETWORK_SECONDS '^L2-FAULT-START' /tmp/l2.log; then
+        end $name
+        verdict $name "bytes_during_fault=0"
+        return
+    fi
     sleep 1
     kill -9 $sc
     wait $sc
@@ -144,57 +238,58 @@ run_fault() {
         # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar and
         # describes its devices to it (GROUP_ADOPT, WINDOW_ADOPT).
         sleep 2
-        start_sidecar
-        wait_for L2-DONE /tmp/l2.log 600 || why="${why:+$why; }L2 did not finish"
-        wait_for 'reconnected to the tce-sidecar' /tmp/q.log 30 ||
-            why="${why:+$why; }QEMU did not reconnect"
-        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
-        kill $qp
-        wait $qp
-        kill $sc
-        wait $sc
+        if start_sidecar $name &&
+            await $name download-across-fault $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log &&
+            await $name reconnect $RECONNECT_SECONDS 'the new session knows the' /tmp/q.log; then
+            /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+        fi
+        end $name
         got=$(transfer_bytes during-fault)
-        [ "$got" = "$BYTES" ] ||
-            why="${why:+$why; }L2 received ${got:-nothing} of $BYTES bytes across the fault"
+        [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes across the fault"
         grep -q 'lost the connection to the tce-sidecar' /tmp/q.log ||
-            why="${why:+$why; }QEMU did not report the disconnect"
-        grep -q '"mode": "accelerated"' /tmp/status.json ||
-            why="${why:+$why; }no accelerated session in the new sidecar"
+            fail "QEMU did not report the disconnect"
+        grep -q 'reconnected to the tce-sidecar' /tmp/q.log || fail "QEMU did not reconnect"
+        grep -q '"mode": "accelerated"' /tmp/status.json || fail "no accelerated session in the new sidecar"
         groups=$(grep -c '"iommu_group"' /tmp/status.json)
         windows=$(grep -c '"has_window": true' /tmp/status.json)
         [ "$groups" -ge 1 ] && [ "$windows" -ge 1 ] ||
-            why="${why:+$why; }the new session knows $groups groups and $windows windows"
-        grep -q 'the new session knows the' /tmp/q.log ||
-            why="${why:+$why; }QEMU did not rebuild the session"
+            fail "the new session knows $groups groups and $windows windows"
         detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups windows_in_new_session=$windows"
     else
         # The container died with its owner: QEMU must stop the guest by itself.
+        echo "STEP case=$name step=qemu-stops-itself seconds=$STOP_SECONDS"
         i=0
-        while kill -0 $qp 2>/dev/null && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+        while kill -0 $qp 2>/dev/null && [ $i -lt $STOP_SECONDS ]; do
+            sleep 1
+            i=$((i + 1))
+        done
         if kill -0 $qp 2>/dev/null; then
-            why="${why:+$why; }QEMU still runs ${i}s after its containers' owner died"
-            kill $qp
+            fail "step qemu-stops-itself: QEMU still runs ${i}s after its containers' owner died"
+            kill -9 $qp
         fi
         wait $qp
         grep -q 'owned the VFIO containers of this VM in isolated mode and is gone' /tmp/q.log ||
-            why="${why:+$why; }QEMU did not say why it stopped"
+            fail "QEMU did not say why it stopped"
         got=$(transfer_bytes during-fault)
         detail="qemu_stopped_after_s=$i bytes_during_fault=${got:-0}"
     fi
-    result=PASS
-    [ -n "$why" ] && result=FAIL
-    echo "NESTED mode=$mode-kill result=$result $detail${why:+ why=\"$why\"}"
-    [ $result = FAIL ] && report_failure $mode-kill
+    verdict $name "$detail"
 }
 
-# The guest maps every DMA buffer with H_PUT_TCE in its default 4K window (disable_ddw): the
-# hypercalls the seed moved into the kernel. Then once with the guest's 64-bit DDW (created
-# through ibm,create-pe-dma-window and the sidecar), which Linux maps all at once.
-run_mode accelerated accelerated disable_ddw
-run_mode isolated isolated disable_ddw
-run_mode accelerated-ddw accelerated ""
-run_fault accelerated
-run_fault isolated
+# accelerated and isolated: the guest maps every DMA buffer with H_PUT_TCE in its default 4K
+# window (disable_ddw), the hypercalls the seed moved into the kernel; accelerated-ddw: the guest's
+# 64-bit DDW (created through ibm,create-pe-dma-window and the sidecar), which Linux maps all at
+# once; *-kill: the sidecar dies during a download.
+for c in $CASES; do
+    case $c in
+    accelerated | isolated) run_transfer $c $c disable_ddw ;;
+    accelerated-ddw) run_transfer $c accelerated "" ;;
+    accelerated-kill) run_fault accelerated ;;
+    isolated-kill) run_fault isolated ;;
+    *) echo "NESTED mode=$c result=FAIL why=\"unknown case\"" ;;
+    esac
+done
+echo "STEP case=host step=power-off seconds=60"
 dmesg | grep -iE 'vfio|kvm|iommu|warn|bug' | tail -n 20
 echo o >/proc/sysrq-trigger
 poweroff -f

@@ -10,13 +10,16 @@
 # plus the full console log of a machine with a failing line. Exits non-zero if any line FAILs;
 # exits 0 after one "SKIP: ..." line if the setup cannot install something.
 #
+# Each machine boots in a CPU slot of its own (tests/lab/boots.sh): as many run at once as there are
+# CPUs. Every step in the guest has its own deadline, and a step that runs out is named.
+#
 # Environment: LAB_MACHINES (default: powernv9 powernv10 pseries-nested-hv pseries-nested-papr),
-# LAB_TIMEOUT (seconds per QEMU run, default 240), TCE_LAB_CACHE (see setup.sh).
+# LAB_BOOT_SECONDS (deadline from QEMU's start to the guest's init, default 120),
+# LAB_SESSION_SECONDS (deadline of one mode's session, default 120), TCE_LAB_CACHE (setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 MACHINES=${LAB_MACHINES:-powernv9 powernv10 pseries-nested-hv pseries-nested-papr}
-TIMEOUT=${LAB_TIMEOUT:-240}
 TARGET=powerpc64le-unknown-linux-gnu
 CACHE=${TCE_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-lab}
 start=$(date +%s)
@@ -47,7 +50,10 @@ trap 'rm -rf "$WORK"' EXIT
 R=$WORK/root
 # shellcheck source=tests/lab/initramfs.sh
 . tests/lab/initramfs.sh
-busybox_root "$R" sh mount insmod cat echo grep readlink basename ls sleep poweroff dmesg tail
+# shellcheck source=tests/lab/boots.sh
+. tests/lab/boots.sh
+busybox_root "$R" sh mount insmod cat echo grep readlink basename ls sleep poweroff dmesg tail \
+    sed cut tee timeout
 cp "$BIN/tce-sidecar" "$R/tce-sidecar"
 cp "$BIN/examples/lab_frontend" "$R/lab_frontend"
 for want in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module "$R" $want; done
@@ -57,10 +63,17 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-echo "lab-guest: kernel $(cat /proc/sys/kernel/osrelease) machine $LAB_MACHINE"
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+M=$(arg LAB_MACHINE)
+SESSION_SECONDS=$(arg LAB_SESSION_SECONDS)
+step() { echo "STEP case=$1 step=$2 seconds=$3"; }
+uptime_s() { cut -d. -f1 /proc/uptime; }
+echo "lab-guest: kernel $(cat /proc/sys/kernel/osrelease) machine $M"
+step $M load-modules 120
 for m in $(cat /modules.order); do
     insmod /lib/modules/$m || echo "lab-guest: insmod $m failed"
 done
+step $M bind-vfio-pci 60
 dev=""
 for d in /sys/bus/pci/devices/*; do
     case "$(cat $d/vendor):$(cat $d/device)" in
@@ -68,7 +81,7 @@ for d in /sys/bus/pci/devices/*; do
     esac
 done
 if [ -z "$dev" ]; then
-    echo "LAB machine=$LAB_MACHINE mode=accelerated result=FAIL why=\"no e1000/e1000e device\""
+    echo "LAB machine=$M mode=accelerated result=FAIL why=\"no e1000/e1000e device\""
 else
     b=$(basename $dev)
     [ -e $dev/driver ] && echo $b >$dev/driver/unbind
@@ -76,9 +89,22 @@ else
     echo $b >/sys/bus/pci/drivers_probe
     g=$(basename $(readlink $dev/iommu_group))
     echo "lab-guest: $b bound to $(basename $(readlink $dev/driver)), group /dev/vfio/$g"
-    /lab_frontend run --machine "$LAB_MACHINE" --group /dev/vfio/$g --sidecar /tce-sidecar
-    echo "lab-guest: lab_frontend exit $?"
+    for mode in accelerated isolated; do
+        # one mode's whole session: the VM, a sidecar, the scenario and the teardown
+        step $M/$mode session $SESSION_SECONDS
+        t0=$(uptime_s)
+        { timeout -s KILL $SESSION_SECONDS /lab_frontend run --machine "$M" --mode $mode \
+            --group /dev/vfio/$g --sidecar /tce-sidecar; echo "lab-guest: lab_frontend exit $?"; } 2>&1 |
+            tee /tmp/session.log
+        if ! grep -q "^LAB machine=$M mode=$mode " /tmp/session.log; then
+            took=$(($(uptime_s) - t0))
+            why="no summary line from lab_frontend after $took s"
+            [ $took -ge $SESSION_SECONDS ] && why="step session ran out of time after $took s (deadline $SESSION_SECONDS s)"
+            echo "LAB machine=$M mode=$mode result=FAIL why=\"$why\""
+        fi
+    done
 fi
+step $M power-off 60
 dmesg | grep -iE 'vfio|kvm|iommu|warn|bug' | tail -n 30
 echo o >/proc/sysrq-trigger
 poweroff -f
@@ -86,9 +112,14 @@ EOF
 chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd.gz")
 
-# --- boots -----------------------------------------------------------------------------------
-failed=0
-for machine in $MACHINES; do
+# --- boots ----------------------------------------------------------------------------------
+# One boot per machine, each in a CPU slot of its own (tests/lab/boots.sh), so that two run at
+# once on two CPUs. Deadlines: booting to init takes 9-11 s here, a session 2-3 s, loading the
+# modules 2 s; each gets over ten times that.
+BOOT_SECONDS=${LAB_BOOT_SECONDS:-120}
+SESSION_SECONDS=${LAB_SESSION_SECONDS:-120}
+boot_machine() { # boot_machine MACHINE: one emulated machine, both modes; output in $WORK/MACHINE.out
+    local machine=$1 qemu_machine dev log=$WORK/$1.log t0 machine_failed=0 mode acc iso
     case $machine in
     powernv9) qemu_machine=(-M powernv9) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
     powernv10) qemu_machine=(-M powernv10) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
@@ -96,19 +127,15 @@ for machine in $MACHINES; do
     pseries-nested-papr) qemu_machine=(-M pseries,cap-nested-papr=on,x-vof=on -cpu power10 -vga none) dev=(-device e1000,addr=0x5,romfile=) ;;
     *)
         echo "LAB machine=$machine mode=accelerated result=FAIL why=\"unknown machine\""
-        failed=1
-        continue
+        return 1
         ;;
     esac
-    log=$WORK/$machine.log
-    t0=$(date +%s)
-    rc=0
-    timeout "$TIMEOUT" qemu-system-ppc64 "${qemu_machine[@]}" -m 2G -smp 1 -nographic -no-reboot \
-        -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd.gz" \
-        -append "console=hvc0 rdinit=/init loglevel=4 LAB_MACHINE=$machine" \
-        "${dev[@]}" </dev/null >"$log" 2>&1 || rc=$?
-    echo "lab: $machine: qemu exit $rc after $(($(date +%s) - t0)) s"
-    machine_failed=0
+    t0=$SECONDS
+    boot_with_deadlines "$log" "$BOOT_SECONDS" qemu-system-ppc64 "${qemu_machine[@]}" -m 2G -smp 1 \
+        -nographic -no-reboot -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd.gz" \
+        -append "console=hvc0 rdinit=/init loglevel=4 LAB_MACHINE=$machine LAB_SESSION_SECONDS=$SESSION_SECONDS" \
+        "${dev[@]}"
+    echo "lab: $machine: qemu exit $RC after $((SECONDS - t0)) s; steps (s): $TOOK"
     for mode in accelerated isolated; do
         summary_line "$log" "LAB machine=$machine mode=$mode" || machine_failed=1
     done
@@ -124,11 +151,24 @@ for machine in $MACHINES; do
         machine_failed=1
     fi
     if [ "$machine_failed" = 1 ]; then
-        failed=1
         echo "----- console log of $machine -----"
         tr -d '\r' <"$log"
         echo "----- end of console log of $machine -----"
     fi
+    return "$machine_failed"
+}
+
+boots=()
+for machine in $MACHINES; do
+    in_cpu_slot boot_machine "$machine" >"$WORK/$machine.out" 2>&1 &
+    boots+=($!)
+done
+failed=0
+for pid in "${boots[@]}"; do
+    wait "$pid" || failed=1
+done
+for machine in $MACHINES; do
+    cat "$WORK/$machine.out"
 done
 echo "lab: done in $(($(date +%s) - start)) s"
 exit "$failed"

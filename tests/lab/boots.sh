@@ -1,0 +1,98 @@
+# How the labs run their emulated machines (sourced by run.sh and nested.sh): in CPU slots, with a
+# deadline for every step.
+#
+# TCG runs a one-CPU guest on one host thread, so a boot uses one CPU. `in_cpu_slot` lets as many
+# boots run at once as the host has CPUs, across every lab process of the machine (the slots are
+# lock files), so the labs fill the CPUs without crowding them.
+#
+# A lab boots an emulated machine whose init runs one or more cases, each a sequence of steps.
+# Every step has its own deadline, sized from what it does; no limit covers several cases. The
+# guest announces each step on its console:
+#
+#     STEP case=<case> step=<step> seconds=<deadline>
+#
+# and may say how far a long step has come with `PROGRESS case=<case> <text>`. A step is over when
+# the next STEP line appears or QEMU exits. The guest enforces its own deadlines where it can and
+# prints its case's FAIL line naming the step; the host enforces each one too, STEP_GRACE seconds
+# later, for a guest that has stopped altogether: it then stops QEMU and says where the run was.
+# Before the first STEP line the run is in step "boot" of case "host", whose deadline the caller
+# gives.
+
+STEP_GRACE=${STEP_GRACE:-60}
+CPU_SLOTS_DIR=${CPU_SLOTS_DIR:-${TMPDIR:-/tmp}/tce-sidecar-cpu-slots}
+
+# in_cpu_slot COMMAND...: runs COMMAND once one of the host's CPU slots is free, holding the slot
+# (a lock on $CPU_SLOTS_DIR/N) until it ends. Returns COMMAND's status.
+in_cpu_slot() {
+    local slot fd rc
+    mkdir -p "$CPU_SLOTS_DIR"
+    while :; do
+        for slot in $(seq 0 $(($(nproc) - 1))); do
+            exec {fd}>"$CPU_SLOTS_DIR/$slot"
+            if flock -n "$fd"; then
+                rc=0
+                "$@" || rc=$?
+                exec {fd}>&-
+                return "$rc"
+            fi
+            exec {fd}>&-
+        done
+        sleep 2
+    done
+}
+
+# boot_with_deadlines LOG BOOT_SECONDS COMMAND...: runs COMMAND (an emulated machine) with its
+# console in LOG, enforcing the deadline of each step the guest announces. Sets RC to COMMAND's exit
+# status, STUCK to "" or to a sentence saying which step ran out of time, and TOOK to the time each
+# step took ("case/step=seconds ...", to the second as the host saw it).
+boot_with_deadlines() {
+    local log=$1 seconds=$2 pid began seen=0 count latest in_case=host step=boot progress
+    shift 2
+    STUCK=""
+    RC=0
+    TOOK=""
+    "$@" </dev/null >"$log" 2>&1 &
+    pid=$!
+    began=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        count=$(grep -a -c '^STEP ' "$log" || true)
+        if [ "$count" != "$seen" ]; then
+            # every step announced since the last look; all but the newest ended within it
+            while read -r latest; do
+                TOOK="${TOOK:+$TOOK }$in_case/$step=$((SECONDS - began))"
+                began=$SECONDS
+                in_case=$(sed -n 's/.* case=\([^ ]*\).*/\1/p' <<<"$latest")
+                step=$(sed -n 's/.* step=\([^ ]*\).*/\1/p' <<<"$latest")
+                seconds=$(sed -n 's/.* seconds=\([0-9]*\).*/\1/p' <<<"$latest")
+            done < <(grep -a '^STEP ' "$log" | tail -n +$((seen + 1)) | head -n $((count - seen)) | tr -d '\r')
+            seen=$count
+        fi
+        if [ $((SECONDS - began)) -gt $((seconds + STEP_GRACE)) ]; then
+            progress=$(grep -a "^PROGRESS case=$in_case " "$log" | tail -n 1 | tr -d '\r' |
+                sed "s/^PROGRESS case=$in_case //")
+            STUCK="case $in_case was stopped in step $step after $((SECONDS - began)) s (deadline $seconds s)${progress:+, at $progress}"
+            echo "lab: $STUCK: stopping QEMU"
+            kill "$pid" 2>/dev/null || true
+            sleep 5
+            kill -9 "$pid" 2>/dev/null || true
+            break
+        fi
+    done
+    wait "$pid" || RC=$?
+    [ -n "$STUCK" ] || TOOK="${TOOK:+$TOOK }$in_case/$step=$((SECONDS - began))"
+}
+
+# summary_line LOG PREFIX: the run's summary line starting with PREFIX (e.g. "LAB machine=m
+# mode=x"), or a FAIL line saying why there is none. Returns 0 when the line says PASS.
+summary_line() {
+    local line why
+    line=$(grep -a -m1 "^$2 " "$1" | tr -d '\r' || true)
+    if [ -z "$line" ]; then
+        why="no summary line"
+        [ -n "$STUCK" ] && why="no summary line: $STUCK"
+        line="$2 result=FAIL why=\"$why\""
+    fi
+    echo "$line"
+    grep -q ' result=PASS' <<<"$line"
+}
