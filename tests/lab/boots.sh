@@ -96,3 +96,37 @@ summary_line() {
     echo "$line"
     grep -q ' result=PASS' <<<"$line"
 }
+
+# boot_all OUTDIR FUNCTION ARG...: runs `FUNCTION N ARG` (N counting from 1) for every ARG, each in
+# a CPU slot in the background, then prints their outputs in order. Returns 1 if any failed.
+boot_all() {
+    local out=$1 fn=$2 arg n=0 pid pids=() failed=0
+    shift 2
+    for arg in "$@"; do
+        n=$((n + 1))
+        in_cpu_slot "$fn" "$n" "$arg" >"$out/boot-$n.out" 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" || failed=1
+    done
+    for n in $(seq 1 "$n"); do
+        cat "$out/boot-$n.out"
+    done
+    return "$failed"
+}
+
+# end_boot LOG NAME FAILED WARN_LABEL: a kernel WARN in LOG fails the boot too (printed under
+# WARN_LABEL), and a failed boot's whole console log is printed. Returns 1 if the boot failed.
+end_boot() {
+    local log=$1 name=$2 failed=$3
+    if kernel_warned "$log" "$4"; then
+        failed=1
+    fi
+    if [ "$failed" = 1 ]; then
+        echo "----- console log of $name -----"
+        tr -d '\r' <"$log"
+        echo "----- end of console log of $name -----"
+    fi
+    return "$failed"
+}

@@ -183,29 +183,12 @@ boot_l1() { # boot_l1 N CASES: the cases (comma-separated) in one boot; its log 
     for c in ${2//,/ }; do
         summary_line "$log" "NESTED mode=$c" || failed=1
     done
-    if kernel_warned "$log" "NESTED kernel WARN in L1's log (boot $1):"; then
-        failed=1
-    fi
-    if [ "$failed" = 1 ]; then
-        echo "----- console log of boot $1 -----"
-        tr -d '\r' <"$log"
-        echo "----- end of console log of boot $1 -----"
-    fi
-    return "$failed"
+    end_boot "$log" "boot $1" "$failed" "NESTED kernel WARN in L1's log (boot $1):"
 }
 
-n=0
-boots=()
-for cases in $BOOTS; do
-    n=$((n + 1))
-    in_cpu_slot boot_l1 $n "$cases" >"$WORK/boot-$n.out" 2>&1 &
-    boots+=($!)
-done
 failed=0
-for pid in "${boots[@]}"; do
-    wait "$pid" || failed=1
-done
-cat "$WORK"/boot-*.out
+# shellcheck disable=SC2086
+boot_all "$WORK" boot_l1 $BOOTS || failed=1
 rate() { grep -a -h -m1 "^NESTED mode=$1 " "$WORK"/l0-*.log | tr -d '\r' | sed -n 's/.* kib_per_s=\([0-9]*\).*/\1/p' || true; }
 acc=$(rate accelerated)
 iso=$(rate isolated)

@@ -53,7 +53,7 @@ R=$WORK/root
 # shellcheck source=tests/lab/boots.sh
 . tests/lab/boots.sh
 busybox_root "$R" sh mount insmod cat echo grep readlink basename ls sleep poweroff dmesg tail \
-    sed cut tee timeout
+    sed cut timeout pkill
 cp "$BIN/tce-sidecar" "$R/tce-sidecar"
 cp "$BIN/examples/lab_frontend" "$R/lab_frontend"
 for want in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module "$R" $want; done
@@ -93,9 +93,12 @@ else
         # one mode's whole session: the VM, a sidecar, the scenario and the teardown
         step $M/$mode session $SESSION_SECONDS
         t0=$(uptime_s)
-        { timeout -s KILL $SESSION_SECONDS /lab_frontend run --machine "$M" --mode $mode \
-            --group /dev/vfio/$g --sidecar /tce-sidecar; echo "lab-guest: lab_frontend exit $?"; } 2>&1 |
-            tee /tmp/session.log
+        timeout -s KILL $SESSION_SECONDS /lab_frontend run --machine "$M" --mode $mode \
+            --group /dev/vfio/$g --sidecar /tce-sidecar >/tmp/session.log 2>&1
+        echo "lab-guest: lab_frontend exit $?" >>/tmp/session.log
+        # a session cut short leaves its sidecar behind, holding the group
+        pkill -KILL tce-sidecar
+        cat /tmp/session.log
         if ! grep -q "^LAB machine=$M mode=$mode " /tmp/session.log; then
             took=$(($(uptime_s) - t0))
             why="no summary line from lab_frontend after $took s"
@@ -118,8 +121,8 @@ chmod +x "$R/init"
 # modules 2 s; each gets over ten times that.
 BOOT_SECONDS=${LAB_BOOT_SECONDS:-120}
 SESSION_SECONDS=${LAB_SESSION_SECONDS:-120}
-boot_machine() { # boot_machine MACHINE: one emulated machine, both modes; output in $WORK/MACHINE.out
-    local machine=$1 qemu_machine dev log=$WORK/$1.log t0 machine_failed=0 mode acc iso
+boot_machine() { # boot_machine N MACHINE: one emulated machine, both modes
+    local machine=$2 qemu_machine dev log=$WORK/$2.log t0 machine_failed=0 mode acc iso
     case $machine in
     powernv9) qemu_machine=(-M powernv9) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
     powernv10) qemu_machine=(-M powernv10) dev=(-device e1000e,bus=pcie.0,addr=0x0,romfile=) ;;
@@ -147,28 +150,11 @@ boot_machine() { # boot_machine MACHINE: one emulated machine, both modes; outpu
     if [ -n "$acc" ] && [ -n "$iso" ] && [ "$acc" -gt 0 ]; then
         echo "P5 machine=$machine hypercalls/s accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.1f", i / a }') (seed: 3.4-4.6x throughput)"
     fi
-    if kernel_warned "$log" "LAB machine=$machine kernel WARNING in the guest's log:"; then
-        machine_failed=1
-    fi
-    if [ "$machine_failed" = 1 ]; then
-        echo "----- console log of $machine -----"
-        tr -d '\r' <"$log"
-        echo "----- end of console log of $machine -----"
-    fi
-    return "$machine_failed"
+    end_boot "$log" "$machine" "$machine_failed" "LAB machine=$machine kernel WARNING in the guest's log:"
 }
 
-boots=()
-for machine in $MACHINES; do
-    in_cpu_slot boot_machine "$machine" >"$WORK/$machine.out" 2>&1 &
-    boots+=($!)
-done
 failed=0
-for pid in "${boots[@]}"; do
-    wait "$pid" || failed=1
-done
-for machine in $MACHINES; do
-    cat "$WORK/$machine.out"
-done
+# shellcheck disable=SC2086
+boot_all "$WORK" boot_machine $MACHINES || failed=1
 echo "lab: done in $(($(date +%s) - start)) s"
 exit "$failed"
