@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # How the labs run their emulated machines (sourced by run.sh and nested.sh): in CPU slots, with a
 # deadline for every step.
 #
@@ -41,6 +42,12 @@ in_cpu_slot() {
     done
 }
 
+# step_lines LOG: the STEP lines of the console so far. Only whole lines count: the console is
+# written in pieces, and a line without its newline may still lack the end of its deadline.
+step_lines() {
+    perl -ne 'print "$1\n" if /^(STEP case=\S+ step=\S+ seconds=\d+)\r*\n\z/' "$1"
+}
+
 # boot_with_deadlines LOG BOOT_SECONDS COMMAND...: runs COMMAND (an emulated machine) with its
 # console in LOG, enforcing the deadline of each step the guest announces. Sets RC to COMMAND's exit
 # status, STUCK to "" or to a sentence saying which step ran out of time, and TOOK to the time each
@@ -56,7 +63,7 @@ boot_with_deadlines() {
     began=$SECONDS
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
-        count=$(grep -a -c '^STEP ' "$log" || true)
+        count=$(step_lines "$log" | wc -l)
         if [ "$count" != "$seen" ]; then
             # every step announced since the last look; all but the newest ended within it
             while read -r latest; do
@@ -65,7 +72,7 @@ boot_with_deadlines() {
                 in_case=$(sed -n 's/.* case=\([^ ]*\).*/\1/p' <<<"$latest")
                 step=$(sed -n 's/.* step=\([^ ]*\).*/\1/p' <<<"$latest")
                 seconds=$(sed -n 's/.* seconds=\([0-9]*\).*/\1/p' <<<"$latest")
-            done < <(grep -a '^STEP ' "$log" | tail -n +$((seen + 1)) | head -n $((count - seen)) | tr -d '\r')
+            done < <(step_lines "$log" | tail -n +$((seen + 1)) | head -n $((count - seen)))
             seen=$count
         fi
         if [ $((SECONDS - began)) -gt $((seconds + STEP_GRACE)) ]; then
