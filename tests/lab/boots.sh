@@ -53,7 +53,7 @@ step_lines() {
 # status, STUCK to "" or to a sentence saying which step ran out of time, and TOOK to the time each
 # step took ("case/step=seconds ...", to the second as the host saw it).
 boot_with_deadlines() {
-    local log=$1 seconds=$2 pid began seen=0 count latest in_case=host step=boot progress
+    local log=$1 seconds=$2 pid began seen=0 steps latest in_case=host step=boot progress
     shift 2
     STUCK=""
     RC=0
@@ -63,18 +63,15 @@ boot_with_deadlines() {
     began=$SECONDS
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
-        count=$(step_lines "$log" | wc -l)
-        if [ "$count" != "$seen" ]; then
-            # every step announced since the last look; all but the newest ended within it
-            while read -r latest; do
-                TOOK="${TOOK:+$TOOK }$in_case/$step=$((SECONDS - began))"
-                began=$SECONDS
-                in_case=$(sed -n 's/.* case=\([^ ]*\).*/\1/p' <<<"$latest")
-                step=$(sed -n 's/.* step=\([^ ]*\).*/\1/p' <<<"$latest")
-                seconds=$(sed -n 's/.* seconds=\([0-9]*\).*/\1/p' <<<"$latest")
-            done < <(step_lines "$log" | tail -n +$((seen + 1)) | head -n $((count - seen)))
-            seen=$count
-        fi
+        mapfile -t steps < <(step_lines "$log")
+        # every step announced since the last look; all but the newest ended within it
+        for latest in "${steps[@]:seen}"; do
+            TOOK="${TOOK:+$TOOK }$in_case/$step=$((SECONDS - began))"
+            began=$SECONDS
+            read -r _ in_case step seconds <<<"$latest"
+            in_case=${in_case#case=} step=${step#step=} seconds=${seconds#seconds=}
+        done
+        seen=${#steps[@]}
         if [ $((SECONDS - began)) -gt $((seconds + STEP_GRACE)) ]; then
             progress=$(grep -a "^PROGRESS case=$in_case " "$log" | tail -n 1 | tr -d '\r' |
                 sed "s/^PROGRESS case=$in_case //")

@@ -79,20 +79,27 @@ await() {
     echo "L1: $1: $2 took $(($(uptime_s) - t0)) s"
 }
 
-# stop CASE WHAT PID: SIGTERM, then at most STOP_SECONDS for PID to exit (SIGKILL after that).
-stop() {
-    echo "STEP case=$1 step=stop-$2 seconds=$STOP_SECONDS"
-    kill $3 2>/dev/null
+# await_exit CASE STEP PID WHAT: announces STEP of CASE, then waits at most STOP_SECONDS for PID
+# to exit; after that fails with "step STEP: WHAT" and kills it. Sets waited to the seconds waited.
+await_exit() {
+    echo "STEP case=$1 step=$2 seconds=$STOP_SECONDS"
     t0=$(uptime_s)
     while kill -0 $3 2>/dev/null; do
         if [ $(($(uptime_s) - t0)) -ge $STOP_SECONDS ]; then
-            fail "step stop-$2: still running $STOP_SECONDS s after SIGTERM"
+            fail "step $2: $4 $STOP_SECONDS s later"
             kill -9 $3
             break
         fi
         sleep 1
     done
+    waited=$(($(uptime_s) - t0))
     wait $3
+}
+
+# stop CASE WHAT PID: SIGTERM, then await_exit (SIGKILL after STOP_SECONDS)
+stop() {
+    kill $3 2>/dev/null
+    await_exit $1 stop-$2 $3 "still running after SIGTERM"
 }
 
 # start_sidecar CASE: a fresh sidecar on /tmp/sc.sock; sets sc
@@ -258,21 +265,11 @@ run_fault() {
         detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups windows_in_new_session=$windows"
     else
         # The container died with its owner: QEMU must stop the guest by itself.
-        echo "STEP case=$name step=qemu-stops-itself seconds=$STOP_SECONDS"
-        i=0
-        while kill -0 $qp 2>/dev/null && [ $i -lt $STOP_SECONDS ]; do
-            sleep 1
-            i=$((i + 1))
-        done
-        if kill -0 $qp 2>/dev/null; then
-            fail "step qemu-stops-itself: QEMU still runs ${i}s after its containers' owner died"
-            kill -9 $qp
-        fi
-        wait $qp
+        await_exit $name qemu-stops-itself $qp "QEMU still runs after its containers' owner died"
         grep -q 'owned the VFIO containers of this VM in isolated mode and is gone' /tmp/q.log ||
             fail "QEMU did not say why it stopped"
         got=$(transfer_bytes during-fault)
-        detail="qemu_stopped_after_s=$i bytes_during_fault=${got:-0}"
+        detail="qemu_stopped_after_s=$waited bytes_during_fault=${got:-0}"
     fi
     verdict $name "$detail"
 }
