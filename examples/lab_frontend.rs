@@ -496,6 +496,7 @@ impl Objects for Fds {
         self.table.as_ref().map(|f| TableFd {
             fd: f.as_fd(),
             entries: scenario::ENTRIES,
+            view: None,
         })
     }
     fn region(&self, _: RegionId) -> Option<Mapping> {

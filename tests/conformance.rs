@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{wait_until, Sidecar, IO_TIMEOUT};
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tce_sidecar::client::model_vm::ModelVm;
 use tce_sidecar::kernel::model::Mm;
@@ -307,9 +306,7 @@ impl Conn {
 }
 
 fn memfd(size: u64) -> OwnedFd {
-    let fd = memfd_create("conformance", MemfdFlags::CLOEXEC).unwrap();
-    ftruncate(&fd, size).unwrap();
-    fd
+    tce_sidecar::kernel::shared_memory::sealed_memfd("conformance", size).unwrap()
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -87,6 +87,7 @@ impl Objects for DeviceObjects {
         Some(TableFd {
             fd: self.table.as_fd(),
             entries: 0,
+            view: None,
         })
     }
     fn region(&self, _: RegionId) -> Option<Mapping> {

@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use crate::kernel::shared_memory::sealed_memfd;
 
 use crate::kernel::model::server::{CallError, ModelClient, SharedMapping};
 use crate::kernel::model::{
@@ -93,8 +93,7 @@ impl ModelVm {
         guest_addr: u64,
         size: u64,
     ) -> Result<&GuestRam, CallError> {
-        let memfd = memfd_create("guest-ram", MemfdFlags::CLOEXEC)?;
-        ftruncate(&memfd, size)?;
+        let memfd = sealed_memfd("guest-ram", size)?;
         let mapping = SharedMapping::map(memfd.as_fd(), size as usize)?;
         let slot = UserMemoryRegion {
             slot: region_id,
@@ -166,8 +165,7 @@ impl ModelVm {
         bus_offset: u64,
         entries: u64,
     ) -> Result<GuestTable, CallError> {
-        let fd = memfd_create("guest-tce-table", MemfdFlags::CLOEXEC)?;
-        ftruncate(&fd, table_bytes(entries) as u64)?;
+        let fd = sealed_memfd("guest-tce-table", table_bytes(entries) as u64)?;
         let mapping = SharedMapping::map(fd.as_fd(), table_bytes(entries))?;
         Ok(GuestTable {
             fd,

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 
 use crate::engine::{FdFacts, State};
-use crate::kernel::linux::SharedMapping;
+use crate::kernel::shared_memory::{SharedMapping, TceView};
 use crate::kernel::{GroupId, Kernel, Mapping, Objects, RegionId, TableFd, TableId};
 use crate::protocol::{MemRegion, TableDesc};
 
@@ -21,7 +21,8 @@ struct RegionObject {
 #[derive(Default)]
 pub struct SessionObjects {
     groups: BTreeMap<GroupId, OwnedFd>,
-    tables: BTreeMap<TableId, (OwnedFd, u64)>,
+    /// Each table's fd and its validated view (reads cannot fault).
+    tables: BTreeMap<TableId, (OwnedFd, TceView)>,
     regions: BTreeMap<RegionId, RegionObject>,
 }
 
@@ -67,10 +68,10 @@ impl SessionObjects {
         self.groups.entry(id).or_insert(fd);
     }
 
-    pub fn add_table(&mut self, desc: &TableDesc, fd: OwnedFd) {
+    pub fn add_table(&mut self, desc: &TableDesc, fd: OwnedFd, view: TceView) {
         self.tables
             .entry(TableId(desc.table_id))
-            .or_insert((fd, desc.entries));
+            .or_insert((fd, view));
     }
 
     /// Drops every fd the engine no longer knows (a refused add, a completed remove), and
@@ -119,9 +120,10 @@ impl Objects for SessionObjects {
     }
 
     fn table(&self, id: TableId) -> Option<TableFd<'_>> {
-        self.tables.get(&id).map(|(fd, entries)| TableFd {
+        self.tables.get(&id).map(|(fd, view)| TableFd {
             fd: fd.as_fd(),
-            entries: *entries,
+            entries: view.entries(),
+            view: Some(view),
         })
     }
 

@@ -15,6 +15,7 @@ use rustix::io::Errno;
 use tracing::{debug, info, warn};
 
 use crate::engine::{Action, FdFacts, Session};
+use crate::kernel::shared_memory::{require_sealed, TceView, Unsafe};
 use crate::kernel::{GroupId, Kernel, KernelOp, Output, OwnershipMode};
 use crate::protocol::{
     decode_request, encode_reply, send_frame, FrameReader, Incoming, RecvError, Reply, Request,
@@ -96,7 +97,8 @@ fn drive(
     }
 }
 
-/// Keeps the fd a request carried, and returns the facts the engine checks.
+/// Keeps the fd a request carried, after checking that nothing its sender does later can make
+/// this process fault on it (PROTOCOL.md, Trust), and returns the facts the engine checks.
 fn keep_fd(
     objects: &mut SessionObjects,
     kernel: &mut dyn Kernel,
@@ -104,24 +106,49 @@ fn keep_fd(
     fd: OwnedFd,
     mode: Option<OwnershipMode>,
     host_page: u64,
-) -> Result<FdFacts, Errno> {
-    let facts = facts(fd.as_fd(), host_page)?;
+) -> Result<FdFacts, (Errno, String)> {
+    let plain = |errno: Errno| (errno, format!("the fd cannot be used: {errno}"));
+    let facts = facts(fd.as_fd(), host_page).map_err(plain)?;
+    // Before SET_FEATURES the engine refuses the request; its fd is dropped unused.
+    let Some(mode) = mode else {
+        return Ok(facts);
+    };
+    let isolated = mode == OwnershipMode::Isolated;
+    let refused = |why: Unsafe| (why.errno(), why.to_string());
     match request {
         Request::MemAdd(desc) => {
-            // Map only once the engine would accept the region's shape: isolated sessions use
-            // the sidecar's own addresses (K2).
-            let fits = desc.size > 0
-                && desc
-                    .mmap_offset
-                    .checked_add(desc.size)
-                    .is_some_and(|e| e <= facts.size);
-            let map = mode == Some(OwnershipMode::Isolated) && fits;
-            objects.add_region(desc, fd, map, kernel)?;
+            // Isolated sessions map guest RAM to use the sidecar's own addresses (K2).
+            if isolated {
+                let end = desc.mmap_offset.saturating_add(desc.size);
+                require_sealed(fd.as_fd(), end).map_err(refused)?;
+            }
+            let map = isolated && desc.size > 0;
+            objects
+                .add_region(desc, fd, map, kernel)
+                .map_err(|errno| refused(Unsafe::Map(errno)))?;
         }
         Request::GroupAdd(desc) | Request::GroupAdopt(desc) => {
             objects.add_group(GroupId(desc.group_id), fd)
         }
-        Request::TableAdd(desc) => objects.add_table(desc, fd),
+        Request::TableAdd(desc) => {
+            if isolated {
+                let bytes = desc.entries.saturating_mul(8);
+                require_sealed(fd.as_fd(), bytes).map_err(refused)?;
+            } else if !kernel.is_tce_table(fd.as_fd()).map_err(plain)? {
+                return Err((
+                    Errno::BADF,
+                    "the fd is not a KVM TCE table (KVM_CREATE_SPAPR_TCE_64)".into(),
+                ));
+            }
+            let view = TceView::new(fd.as_fd(), desc.entries).map_err(|errno| match errno {
+                Errno::FAULT => (
+                    Errno::INVAL,
+                    format!("the table holds fewer than {} entries", desc.entries),
+                ),
+                errno => refused(Unsafe::Map(errno)),
+            })?;
+            objects.add_table(desc, fd, view);
+        }
         _ => {}
     }
     Ok(facts)
@@ -184,8 +211,8 @@ pub fn serve(
                     daemon.host.page_size,
                 ) {
                     Ok(facts) => Some(facts),
-                    Err(errno) => {
-                        let text = format!("{}: the fd cannot be used: {errno}", request.code());
+                    Err((errno, why)) => {
+                        let text = format!("{}: {why}", request.code());
                         if send_reply(&stream, code, &Reply::error(errno.raw_os_error(), text))
                             .is_err()
                         {

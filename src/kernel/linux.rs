@@ -14,10 +14,8 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
 
 use rustix::fs::{Mode, OFlags};
-use rustix::mm::{MapFlags, ProtFlags};
 
 use super::abi::{
     self, vfio_eeh_pe_err, vfio_eeh_pe_op, vfio_eeh_pe_op__bindgen_ty_1, vfio_group_status,
@@ -25,6 +23,8 @@ use super::abi::{
     vfio_iommu_spapr_tce_remove, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, Ioctl,
     KvmCreateDevice, KvmDeviceAttr, KvmVfioSpaprTce,
 };
+use super::shared_memory::Mapped;
+pub use super::shared_memory::SharedMapping;
 use super::{
     ContainerId, Errno, GroupStatus, Kernel, KernelOp, Objects, Output, RegionId, TableFd,
 };
@@ -68,6 +68,12 @@ impl Linux {
 }
 
 impl Kernel for Linux {
+    fn is_tce_table(&mut self, fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        Ok(link.as_os_str() == "anon_inode:kvm-spapr-tce")
+    }
+
     fn execute(&mut self, op: &KernelOp, objects: &dyn Objects) -> Result<Output, Errno> {
         match *op {
             KernelOp::ContainerOpen { container } => self.container_open(container),
@@ -409,112 +415,17 @@ pub(crate) fn read_tces(
     if count == 0 {
         return Ok(Vec::new());
     }
+    if let Some(view) = table.view {
+        return view.read(first_index, count);
+    }
     let page = rustix::param::page_size() as u64;
     let first_byte = first_index * ENTRY;
     let map_start = first_byte - first_byte % page;
     let map_end = (end * ENTRY).div_ceil(page) * page;
     let len = usize::try_from(map_end - map_start).map_err(|_| Errno::NOMEM)?;
     let mapping = Mapped::new(table.fd, len, map_start)?;
-    let base = mapping.ptr.as_ptr().cast::<u8>();
-    let skip = (first_byte - map_start) as usize;
-    let tces = (0..count as usize)
-        .map(|i| {
-            // SAFETY: entry i lies inside the mapping: skip + 8 * (i + 1) <= end * 8 - map_start
-            // <= len; the offset is 8-byte aligned (map_start is page aligned). The kernel may
-            // change entries at any time, so each is read once, volatile.
-            unsafe {
-                base.add(skip + i * ENTRY as usize)
-                    .cast::<u64>()
-                    .read_volatile()
-            }
-        })
-        .collect();
-    Ok(tces)
-}
-
-/// Guest RAM mapped shared from the front-end's memfd, so that in isolated mode the sidecar has
-/// addresses of its own for REGISTER_MEMORY and MAP_DMA (K2: the container's owner registers
-/// memory of its own mm). Unmapped on drop.
-#[derive(Debug)]
-pub struct SharedMapping {
-    ptr: NonNull<c_void>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value; nothing in it is tied to the
-// thread that created it, and every access goes through volatile reads and writes of aligned
-// u64s.
-unsafe impl Send for SharedMapping {}
-
-impl SharedMapping {
-    /// Maps `len` bytes of `fd` from `offset`, readable and writable, shared.
-    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<Self, Errno> {
-        let len = usize::try_from(len).map_err(|_| Errno::NOMEM)?;
-        // SAFETY: a new mapping at an address the kernel chooses aliases no Rust object.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                offset,
-            )
-        }?;
-        Ok(Self {
-            ptr: NonNull::new(ptr).ok_or(Errno::NOMEM)?,
-            len,
-        })
-    }
-
-    /// Maps the first `len` bytes of `fd`.
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Self, Errno> {
-        if len == 0 {
-            return Err(Errno::INVAL);
-        }
-        Self::new(fd, 0, len as u64)
-    }
-
-    /// The mapping's address in this process.
-    pub fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    fn slot(&self, index: usize) -> Option<*mut u64> {
-        let end = index.checked_add(1)?.checked_mul(8)?;
-        // The mapping is page-aligned, so every u64 slot is aligned.
-        (end <= self.len).then(|| self.ptr.as_ptr().cast::<u64>().wrapping_add(index))
-    }
-
-    /// The u64 at `index` (host byte order), or `None` past the end.
-    pub fn read_u64(&self, index: usize) -> Option<u64> {
-        // SAFETY: `slot` checked bounds and alignment; the memory is mapped while `self` lives;
-        // volatile because another process (or the kernel) may write it.
-        self.slot(index).map(|p| unsafe { p.read_volatile() })
-    }
-
-    /// Stores `value` (host byte order) at `index`; false past the end.
-    pub fn write_u64(&self, index: usize, value: u64) -> bool {
-        // SAFETY: as in `read_u64`; the mapping is writable.
-        self.slot(index)
-            .map(|p| unsafe { p.write_volatile(value) })
-            .is_some()
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for SharedMapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; nothing references it.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr(), self.len) };
-    }
+    let skip = ((first_byte - map_start) / ENTRY) as usize;
+    Ok(mapping.read_u64s(skip, count as usize))
 }
 
 /// Takes ownership of an inherited fd (`--fd N`, systemd's fd 3) after checking that it is an
@@ -581,40 +492,6 @@ pub fn vfio_check_extension(container: BorrowedFd<'_>, extension: u32) -> Result
     unsafe { ioctl_int(container, Ioctl::VFIO_CHECK_EXTENSION, extension.into()) }
 }
 
-/// A read-only shared mapping, unmapped on drop.
-struct Mapped {
-    ptr: NonNull<c_void>,
-    len: usize,
-}
-
-impl Mapped {
-    fn new(fd: BorrowedFd<'_>, len: usize, offset: u64) -> Result<Self, Errno> {
-        // SAFETY: a new mapping at an address the kernel chooses aliases no Rust object.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                fd,
-                offset,
-            )
-        }?;
-        Ok(Self {
-            ptr: NonNull::new(ptr).ok_or(Errno::NOMEM)?,
-            len,
-        })
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`, and no reference into it
-        // outlives `self`. An munmap of a valid mapping cannot fail, so the result is ignored.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr(), self.len) };
-    }
-}
-
 /// `ioctl(fd, op, arg)` with an integer argument; returns the non-negative result.
 ///
 /// # Safety
@@ -667,6 +544,7 @@ mod tests {
             self.table.as_ref().map(|(fd, entries)| TableFd {
                 fd: fd.as_fd(),
                 entries: *entries,
+                view: None,
             })
         }
         fn region(&self, _: RegionId) -> Option<Mapping> {

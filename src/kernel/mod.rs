@@ -15,6 +15,7 @@ pub mod abi;
 pub mod linux;
 pub mod model;
 pub mod model_backend;
+pub mod shared_memory;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -693,6 +694,9 @@ pub struct TableFd<'a> {
     pub fd: BorrowedFd<'a>,
     /// Number of entries in the table; reading past it would fault.
     pub entries: u64,
+    /// The table mapped and prefaulted when it arrived from another process (reads use it and
+    /// cannot fault); `None` for a table of the caller's own, mapped for each read.
+    pub view: Option<&'a shared_memory::TceView>,
 }
 
 /// A guest RAM region as mapped in the calling process.
@@ -737,6 +741,7 @@ impl Objects for ObjectTable {
         self.tables.get(&id).map(|(fd, entries)| TableFd {
             fd: fd.as_fd(),
             entries: *entries,
+            view: None,
         })
     }
     fn region(&self, id: RegionId) -> Option<Mapping> {
@@ -769,6 +774,9 @@ pub trait Kernel {
     fn memory_unmapped(&mut self, _addr: u64) -> Result<(), Errno> {
         Ok(())
     }
+
+    /// Whether `fd` is a KVM TCE table (`KVM_CREATE_SPAPR_TCE_64`), as `/proc/self/fd` shows.
+    fn is_tce_table(&mut self, fd: BorrowedFd<'_>) -> Result<bool, Errno>;
 }
 
 impl KernelOp {

@@ -11,7 +11,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::linux::{address_in, dma_flags, read_tces};
 use super::model::server::{CallError, ModelClient};
-use super::model::{DmaMap, DmaUnmap, EehPeOp, RegisterMemory, TceCreate, TceRemove};
+
+use super::model::{DmaMap, DmaUnmap, EehPeOp, FileKind, RegisterMemory, TceCreate, TceRemove};
 use super::{ContainerId, Errno, GroupStatus, Kernel, KernelOp, Objects, Output};
 use crate::protocol::TceInfo;
 
@@ -65,6 +66,11 @@ impl ModelBackend {
 }
 
 impl Kernel for ModelBackend {
+    fn is_tce_table(&mut self, fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+        let kind = self.client.file_kind(fd).map_err(errno)?;
+        Ok(kind == Some(FileKind::SpaprTce))
+    }
+
     fn execute(&mut self, op: &KernelOp, objects: &dyn Objects) -> Result<Output, Errno> {
         let c = &self.client;
         let group = |id| objects.group(id).ok_or(Errno::BADF);

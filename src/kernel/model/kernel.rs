@@ -37,19 +37,40 @@ pub enum FileArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     /// `/dev/kvm`.
-    Kvm,
+    Kvm = 1,
     /// `anon_inode:kvm-vm`.
-    Vm,
+    Vm = 2,
     /// `anon_inode:kvm-vcpu`.
-    Vcpu,
+    Vcpu = 3,
     /// `anon_inode:kvm-spapr-tce`.
-    SpaprTce,
+    SpaprTce = 4,
     /// `anon_inode:kvm-vfio`.
-    KvmVfio,
+    KvmVfio = 5,
     /// `/dev/vfio/<group>`.
-    VfioGroup,
+    VfioGroup = 6,
     /// `/dev/vfio/vfio`.
-    VfioContainer,
+    VfioContainer = 7,
+}
+
+impl FileKind {
+    const ALL: [Self; 7] = [
+        Self::Kvm,
+        Self::Vm,
+        Self::Vcpu,
+        Self::SpaprTce,
+        Self::KvmVfio,
+        Self::VfioGroup,
+        Self::VfioContainer,
+    ];
+
+    /// The kind's number in the model's wire format (never 0).
+    pub fn code(self) -> u64 {
+        self as u64
+    }
+
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == code)
+    }
 }
 
 macro_rules! id_type {

@@ -40,7 +40,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
+use rustix::fs::{fstat, memfd_create, MemfdFlags};
 use rustix::io::{pread, pwrite};
 
 use super::abi::{
@@ -51,6 +51,7 @@ use super::abi::{
 use super::kernel::{FileArg, FileId, FileKind, HcallStats, HwTce, Mm, MmStats, ModelKernel};
 use super::store::{TceStore, UserMemory};
 use super::{DmaDir, Errno};
+use crate::kernel::shared_memory::sealed_memfd;
 use crate::protocol::{recv_frame, send_frame, FrameReader, RecvError};
 
 /// An fd-slot word that names no file: the kernel's `fget` of it fails (`EBADF`).
@@ -159,6 +160,9 @@ ops! {
     /// Model only: what a group's IOMMU holds for a bus address `[group, bus_addr]` →
     /// `[present, pid, ua, permission bits]`.
     IommuEntry = 36, 2;
+    /// What `readlink(/proc/self/fd/N)` would show of a file `[fd:file]` → `[kind]`: 0 for a
+    /// file the model does not know, else [`FileKind::code`].
+    FileKind = 37, 1;
 }
 
 /// A KVM TCE table's pages in a memfd: entry `i` is the host-order u64 at byte `8 * i`.
@@ -651,6 +655,14 @@ impl Shared {
                 let st = s.kernel.hcall_stats(f).ok_or(Errno::NOTTY)?;
                 words([st.in_kernel, st.exits])
             }
+            Op::FileKind => {
+                let code = match arg(s, r, 0) {
+                    FileArg::Bad => return Err(Errno::BADF),
+                    FileArg::File(id) => s.kernel.file_kind(id).map_or(0, FileKind::code),
+                    FileArg::Foreign => 0,
+                };
+                words([code])
+            }
             Op::IommuEntry => match k.iommu_entry(r.u32(0)?, r.u64(1)) {
                 None => words([0, 0, 0, 0]),
                 Some(t) => {
@@ -753,8 +765,8 @@ impl ModelServer {
     pub fn new(mut kernel: ModelKernel) -> Self {
         let page_size = kernel.platform().page_size();
         kernel.set_tce_store_factory(move |bytes| {
-            let fd = memfd_create(standin_name(FileKind::SpaprTce), MemfdFlags::CLOEXEC)?;
-            ftruncate(&fd, bytes)?;
+            // A KVM table's size is fixed at creation: its stand-in is sealed the same way.
+            let fd = sealed_memfd(standin_name(FileKind::SpaprTce), bytes)?;
             Ok(Box::new(MemfdTceStore { fd, page_size }) as Box<dyn TceStore>)
         });
         Self {
@@ -1293,6 +1305,12 @@ impl ModelClient {
         self.unit(Op::MmUnmap, &[ua], &[])
     }
 
+    /// What kind of kernel file `file` is (`None`: not one of the model's files).
+    pub fn file_kind(&self, file: BorrowedFd<'_>) -> Result<Option<FileKind>, CallError> {
+        let w = self.call(Op::FileKind, &[0], &[file])?.0;
+        Ok(w.first().and_then(|&code| FileKind::from_code(code)))
+    }
+
     /// Locked and pinned memory of process `pid` (`None`: this process).
     pub fn mm_stats(&self, pid: Option<u32>) -> Result<MmStats, CallError> {
         let w = self
@@ -1339,8 +1357,7 @@ pub use crate::kernel::linux::SharedMapping;
 /// New guest RAM: a memfd of `len` bytes mapped here and declared to `model` as this process's
 /// memory (4K pages, writable). Returns the mapping and its memfd (to pass on).
 pub fn guest_ram(model: &ModelClient, len: usize) -> Result<(SharedMapping, OwnedFd), CallError> {
-    let fd = memfd_create("guest-ram", MemfdFlags::CLOEXEC)?;
-    ftruncate(&fd, len as u64)?;
+    let fd = sealed_memfd("guest-ram", len as u64)?;
     let map = SharedMapping::map(fd.as_fd(), len)?;
     model.mm_map(fd.as_fd(), map.addr(), len as u64, 0, 12, true)?;
     Ok((map, fd))
