@@ -414,6 +414,21 @@ fn window_create_refused_association_rolls_back_the_window() {
         ))
     );
     assert!(d.session.state().window_of(T1).is_none());
+    // The text says what the rollback did, in order.
+    let failed = log
+        .iter()
+        .position(|(_, op)| matches!(op, KernelOp::KvmSetSpaprTce { .. }))
+        .expect("the association was tried");
+    let undone: Vec<&str> = log[failed + 1..].iter().map(|(_, op)| op.name()).collect();
+    assert!(undone.contains(&"TCE_REMOVE"), "{undone:?}");
+    assert!(
+        reply
+            .text
+            .ends_with(&format!("; undone with {}", undone.join(", "))),
+        "{}",
+        reply.text
+    );
+    assert!(!reply.text.contains("stay in KVM"), "{}", reply.text);
 }
 
 #[test]

@@ -430,6 +430,28 @@ fn request_reserved_fields_nonzero_are_refused() {
 }
 
 #[test]
+fn eeh_injection_fields_are_unused_by_other_operations() {
+    let eeh = |op, err_type| {
+        payload_of(&Request::EehOp(EehRequest {
+            container_id: 0,
+            op,
+            err_type,
+            err_func: 0,
+            err_addr: 0,
+            err_mask: 0,
+        }))
+    };
+    // GET_STATE (5) with an error type: the field is unused, so it must be zero (§2.2).
+    assert_refused(
+        decode(RequestCode::EehOp as u32, &eeh(5, 1), 0),
+        EINVAL,
+        DecodeErrorKind::NonCanonical { what: "EEH_OP" },
+    );
+    assert!(decode(RequestCode::EehOp as u32, &eeh(5, 0), 0).is_ok());
+    assert!(decode(RequestCode::EehOp as u32, &eeh(EEH_OP_INJECT_ERR, 1), 0).is_ok());
+}
+
+#[test]
 fn request_invalid_enumerations_are_refused() {
     let mut eeh = payload_of(&Request::EehOp(EehRequest {
         container_id: 0,

@@ -124,18 +124,22 @@ fn arb_request() -> impl Strategy<Value = Request> {
             0u32..=EEH_OP_MAX,
             any::<(u32, u32, u64, u64)>()
         )
-            .prop_map(
-                |(container_id, op, (err_type, err_func, err_addr, err_mask))| Request::EehOp(
-                    EehRequest {
-                        container_id,
-                        op,
-                        err_type,
-                        err_func,
-                        err_addr,
-                        err_mask
-                    }
-                )
-            ),
+            .prop_map(|(container_id, op, injection)| {
+                // The injection fields are zero unless the operation injects (§2.2).
+                let (err_type, err_func, err_addr, err_mask) = if op == EEH_OP_INJECT_ERR {
+                    injection
+                } else {
+                    Default::default()
+                };
+                Request::EehOp(EehRequest {
+                    container_id,
+                    op,
+                    err_type,
+                    err_func,
+                    err_addr,
+                    err_mask,
+                })
+            }),
         (
             1u32..=u32::MAX,
             prop::collection::vec(arb_result(), 1..=MAX_OPS)

@@ -147,6 +147,8 @@ struct Transaction {
     in_flight_side: Side,
     /// Set once a failure turned the transaction into a rollback.
     rolling_back: Option<EngineError>,
+    /// Rollback calls that succeeded, by name, for the final reply's text.
+    undone: Vec<&'static str>,
     /// Rollback calls that failed: what is left behind.
     left_behind: Vec<String>,
 }
@@ -318,6 +320,7 @@ impl Session {
                     in_flight: Vec::new(),
                     in_flight_side: Side::Sidecar,
                     rolling_back: None,
+                    undone: Vec::new(),
                     left_behind: Vec::new(),
                 });
                 Ok(self.advance())
@@ -449,6 +452,8 @@ impl Session {
                     txn.procedure.succeeded(op, &output);
                     if txn.rolling_back.is_none() {
                         txn.done.push((*op, output));
+                    } else {
+                        txn.undone.push(op.name());
                     }
                 }
                 Err(errno) => {
@@ -559,6 +564,10 @@ impl Session {
             Err(err) => {
                 *self.stats.errors.entry(errno_name(err.errno)).or_default() += 1;
                 let mut text = format!("{code}: {}", err.text);
+                if !txn.undone.is_empty() {
+                    text.push_str("; undone with ");
+                    text.push_str(&txn.undone.join(", "));
+                }
                 if !txn.left_behind.is_empty() {
                     text.push_str("; rollback incomplete: ");
                     text.push_str(&txn.left_behind.join("; "));
@@ -593,6 +602,7 @@ impl Session {
             in_flight: Vec::new(),
             in_flight_side: Side::Sidecar,
             rolling_back: None,
+            undone: Vec::new(),
             left_behind: Vec::new(),
         });
         self.advance()

@@ -744,8 +744,7 @@ impl WindowCreate {
             KernelOp::KvmSetSpaprTce { group, table } => Failure::Fail(err(
                 errno,
                 format!(
-                    "KVM refused to associate {table} with {group}: {errno}; the window is removed \
-                     (associations already made stay in KVM until their group is removed)"
+                    "KVM refused to associate {table} with {group}: {errno}"
                 ),
             )),
             _ => Failure::Fail(err(errno, format!("{op} failed: {errno}"))),

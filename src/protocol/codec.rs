@@ -625,6 +625,11 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
                     value: e.op.into(),
                 });
             }
+            // The error-injection fields are unused by every other operation (§2.2).
+            let injection = [e.err_type.into(), e.err_func.into(), e.err_addr, e.err_mask];
+            if e.op != EEH_OP_INJECT_ERR && injection.iter().any(|&v: &u64| v != 0) {
+                return Err(DecodeErrorKind::NonCanonical { what: "EEH_OP" });
+            }
             Request::EehOp(e)
         }
         RequestCode::OpsResult => {

@@ -175,7 +175,9 @@ pub struct EehRequest {
 }
 
 /// Largest defined `VFIO_EEH_PE_*` operation (INJECT_ERR).
-pub const EEH_OP_MAX: u32 = 9;
+pub const EEH_OP_MAX: u32 = EEH_OP_INJECT_ERR;
+/// `VFIO_EEH_PE_INJECT_ERR`: the one operation that uses the error-injection fields.
+pub const EEH_OP_INJECT_ERR: u32 = 9;
 
 /// A decoded request, without its fd.
 #[derive(Clone, Debug, PartialEq, Eq)]
