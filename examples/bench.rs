@@ -34,7 +34,9 @@ use tce_sidecar::protocol::*;
 
 type Error = Box<dyn std::error::Error>;
 
-const RAM: u64 = 64 << 20;
+/// Small enough for the 8 MiB a user may lock by default: the sidecar's worker pins it in
+/// isolated mode without any capability.
+const RAM: u64 = 4 << 20;
 const PAGE: u64 = 4096;
 /// A DDW of 4 KiB pages over the RAM (the model host's pages), at bus address 0.
 const ENTRIES: u64 = RAM / PAGE;

@@ -20,10 +20,13 @@ use tce_sidecar::protocol::{GroupDesc, TableDesc, TceEntries, TceUpdate};
 
 type Error = Box<dyn std::error::Error>;
 
+/// A small guest: in isolated mode the sidecar's worker pins its RAM and TCE tables, and a user
+/// may lock 8 MiB by default (the sidecar keeps no capability that would lift the limit).
 const RAM_REGIONS: u64 = 2;
-const REGION_SIZE: u64 = 256 << 20;
-/// The default 32-bit window: 1 GiB of 4 KiB pages at bus address 0, as QEMU's PHB has it.
-const DEFAULT_WINDOW: (u64, u32, u64) = (0, 12, (1 << 30) >> 12);
+const REGION_SIZE: u64 = 2 << 20;
+/// The default 32-bit window: 256 MiB of 4 KiB pages at bus address 0 (QEMU's PHB property
+/// `dma_win_size`; its default of 1 GiB would need 4 MiB of locked TCE tables alone).
+const DEFAULT_WINDOW: (u64, u32, u64) = (0, 12, (256 << 20) >> 12);
 /// The guest's 64-bit DDW: 512 MiB of 64 KiB pages at `1 << 59`.
 const DDW: (u64, u32, u64) = (1 << 59, 16, (512 << 20) >> 16);
 const BATCHES: u64 = 64;
@@ -210,7 +213,7 @@ fn run_mode(sidecar: &Sidecar, mode: OwnershipMode, first_group: u32) -> Result<
         }
         entries += 2 * BATCH;
         // One single-entry H_PUT_TCE per batch, left mapped.
-        let gpa = REGION_SIZE + (batch << ddw.page_shift);
+        let gpa = REGION_SIZE + (batch << ddw.page_shift) % REGION_SIZE;
         let single_ioba = ddw.bus_offset + ((ddw.entries - 1 - batch) << ddw.page_shift);
         if let HcallOutcome::Exit = vm.hcall(H_PUT_TCE, [ddw.liobn, single_ioba, gpa | 3, 0])? {
             let index = ddw.entries - 1 - batch;
@@ -234,7 +237,7 @@ fn run_mode(sidecar: &Sidecar, mode: OwnershipMode, first_group: u32) -> Result<
     let status: serde_json::Value = serde_json::from_slice(&client.status()?)?;
     let me = status["sessions"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["peer_pid"] == std::process::id()))
+        .and_then(|s| s.iter().find(|s| s["id"] == status["session"]))
         .cloned()
         .unwrap_or_default();
     let counter = |name: &str| me["counters"][name].as_u64().unwrap_or_default();
@@ -246,7 +249,8 @@ fn run_mode(sidecar: &Sidecar, mode: OwnershipMode, first_group: u32) -> Result<
         entries_forwarded: counter("entries_forwarded"),
         maps: counter("maps"),
         unmaps: counter("unmaps"),
-        pinned_sidecar: pinned(sidecar.pid())?,
+        // The worker process serving this session pins what the sidecar pins.
+        pinned_sidecar: pinned(me["worker_pid"].as_u64().unwrap_or_default() as u32)?,
         pinned_front_end: pinned(std::process::id())?,
         entries,
         elapsed,

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tce_sidecar::daemon::cli::{Cli, Command, KernelChoice, ModelPlatform, ServeArgs};
-use tce_sidecar::daemon::{self, Backend, Config, Daemon, LinuxBackend, Listen, ModelBackend};
-use tce_sidecar::engine::Limits;
+use tce_sidecar::daemon::{
+    self, worker, Backend, Config, Daemon, LinuxBackend, Listen, ModelBackend, WorkerCommand,
+};
 use tce_sidecar::kernel::model::Platform;
 
 /// Where front-ends reach the model kernel: `--model-socket`, else `<socket-path>.model`.
@@ -25,10 +26,21 @@ fn model_socket(args: &ServeArgs) -> Result<PathBuf, Box<dyn Error>> {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
-    if let Some(Command::Status { socket_path }) = cli.command {
-        let status = daemon::query_status(&socket_path)?;
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(());
+    match cli.command {
+        Some(Command::Status { socket_path }) => {
+            let status = daemon::query_status(&socket_path)?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            return Ok(());
+        }
+        Some(Command::Worker(args)) => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_max_level(args.log_level)
+                .init();
+            worker::run(args)?;
+            return Ok(());
+        }
+        None => {}
     }
     let args = cli.serve;
     let platform = match args.model_platform {
@@ -67,16 +79,34 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     let allowed_uids = if args.allow_uids.is_empty() {
         vec![rustix::process::getuid().as_raw()]
     } else {
-        args.allow_uids
+        args.allow_uids.clone()
     };
-    let daemon = Arc::new(Daemon::new(backend, args.max_sessions, Limits::default()));
-    daemon::serve(
+    let model_socket = match args.kernel {
+        KernelChoice::Linux => None,
+        KernelChoice::Model => Some(model_socket(&args)?),
+    };
+    let command = WorkerCommand {
+        // The binary this process runs, even if its path was replaced since.
+        exe: PathBuf::from("/proc/self/exe"),
+        kernel: args.kernel,
+        model_socket,
+        log_level: args.log_level,
+    };
+    let daemon = Arc::new(Daemon::new(
+        backend.name(),
+        daemon::features(backend.caps()),
+        args.max_sessions,
+        command,
+    ));
+    let served = daemon::serve(
         daemon,
         Config {
             listen,
             allowed_uids,
         },
-    )?;
+    );
+    backend.shutdown();
+    served?;
     Ok(())
 }
 

@@ -455,7 +455,8 @@ fn fd_count_errors_ebadf_and_every_fd_closed() {
     let sidecar = Sidecar::start("c-fds", &[]);
     let conn = Conn::open(&sidecar);
     conn.handshake(ISOLATED);
-    let before = open_fds(sidecar.pid());
+    let worker = common::worker_pid(&conn.0);
+    let before = open_fds(worker);
     let fd = memfd(4096);
     let many: Vec<OwnedFd> = (0..9).map(|_| memfd(4096)).collect();
     let borrowed: Vec<BorrowedFd<'_>> = many.iter().map(|f| f.as_fd()).collect();
@@ -501,11 +502,7 @@ fn fd_count_errors_ebadf_and_every_fd_closed() {
     assert_eq!(conn.reply().ok().code, MEM_ADD);
     conn.call(MEM_REMOVE, &region).ok();
     // Every fd of the refused messages was closed by the time their replies came.
-    assert_eq!(
-        open_fds(sidecar.pid()),
-        before,
-        "the daemon kept no refused fd"
-    );
+    assert_eq!(open_fds(worker), before, "the daemon kept no refused fd");
     assert_eq!(conn.call(GET_FEATURES, &[]).ok().body.len(), 8);
 }
 
@@ -945,7 +942,7 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
     // The front-end's mm registered the RAM; the sidecar's holds nothing.
     let me = model.mm_stats(None).unwrap();
     assert_eq!((me.pinned_pages << 12, me.prereg_regions), (RAM, 1));
-    let sidecar_mm = model.mm_stats(Some(sidecar.pid())).unwrap();
+    let sidecar_mm = model.mm_stats(Some(common::worker_pid(&conn.0))).unwrap();
     assert_eq!(
         (sidecar_mm.pinned_pages, sidecar_mm.locked_vm_pages),
         (0, 0)
@@ -1002,10 +999,11 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
 fn isolated_session_every_request_type_on_the_model() {
     let sidecar = Sidecar::start("c-isolated", &[]);
     let model = sidecar.model();
-    let daemon = Mm(sidecar.pid());
     let mut vm = Vm::new(&sidecar);
     let conn = Conn::open(&sidecar);
     conn.handshake(ISOLATED | EEH);
+    let worker = common::worker_pid(&conn.0);
+    let daemon = Mm(worker);
     let mem_add = vm.mem_add();
     conn.call_fds(MEM_ADD, &mem_add, &[vm.vm.ram()[0].memfd.as_fd()])
         .ok();
@@ -1016,7 +1014,7 @@ fn isolated_session_every_request_type_on_the_model() {
     let (last, batches) = vm.run(&conn, reply, None);
     last.ok();
     assert!(batches.is_empty(), "{batches:?}");
-    let sidecar_mm = model.mm_stats(Some(sidecar.pid())).unwrap();
+    let sidecar_mm = model.mm_stats(Some(worker)).unwrap();
     assert_eq!(
         sidecar_mm.pinned_pages << 12,
         RAM,
@@ -1104,7 +1102,7 @@ fn isolated_session_every_request_type_on_the_model() {
     let (last, batches) = vm.run(&conn, reply, None);
     last.ok();
     assert!(batches.is_empty(), "{batches:?}");
-    let sidecar_mm = model.mm_stats(Some(sidecar.pid())).unwrap();
+    let sidecar_mm = model.mm_stats(Some(worker)).unwrap();
     assert_eq!((sidecar_mm.pinned_pages, sidecar_mm.prereg_regions), (0, 0));
     // MEM_REMOVE must repeat MEM_ADD's fields.
     let mut wrong = mem_add.clone();

@@ -280,15 +280,20 @@ fn sigterm_with_sessions_open_exits_zero_removes_sockets_and_tears_down() {
         .find(|s| s["mode"] == "isolated")
         .and_then(|s| s["id"].as_u64())
         .unwrap();
+    let isolated_worker = open
+        .iter()
+        .find(|s| s["mode"] == "isolated")
+        .and_then(|s| s["worker_pid"].as_u64())
+        .unwrap() as u32;
     let pinned = sidecar
         .model()
-        .mm_stats(Some(sidecar.pid()))
+        .mm_stats(Some(isolated_worker))
         .unwrap()
         .pinned_pages;
     assert_eq!(
         pinned << 12,
         RAM,
-        "the isolated session's RAM is pinned by the sidecar"
+        "the isolated session's RAM is pinned by its worker"
     );
     // `tce-sidecar status` was a session too; let it end so exactly two remain.
     wait_until("the status session ends", Duration::from_secs(5), || {

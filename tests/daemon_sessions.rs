@@ -143,10 +143,12 @@ impl FrontEnd {
     }
 }
 
-fn owner_pid(mode: OwnershipMode, sidecar: &Sidecar) -> Mm {
+/// Whose mm maps the guest's entries: the front-end's, or in isolated mode the worker's that
+/// serves its session.
+fn owner_pid(mode: OwnershipMode, fe: &FrontEnd) -> Mm {
     match mode {
         OwnershipMode::Accelerated => Mm(std::process::id()),
-        OwnershipMode::Isolated => Mm(sidecar.pid()),
+        OwnershipMode::Isolated => Mm(common::worker_pid(fe.client.stream())),
     }
 }
 
@@ -189,10 +191,11 @@ fn concurrent_sessions_both_modes_all_updates_succeed() {
                 };
                 assert_eq!(in_kernel, expected, "{mode:?}: hypercalls completed in KVM");
                 let model = sidecar.model();
+                let owner = owner_pid(mode, &fe);
                 for index in 0..16 {
                     assert_eq!(
                         fe.entry_mm(&model, index),
-                        Some(owner_pid(mode, &sidecar)),
+                        Some(owner),
                         "{mode:?}: entry {index} is mapped by the container's owner"
                     );
                 }
@@ -242,15 +245,22 @@ fn concurrent_sessions_both_modes_all_updates_succeed() {
             _ => assert_eq!(forwarded, 0, "{session}"),
         }
     }
-    // The sidecar pins exactly the RAM of its two isolated sessions.
-    let stats = sidecar.model().mm_stats(Some(sidecar.pid())).unwrap();
-    assert_eq!(stats.pinned_pages << 12, 2 * RAM);
+    // The workers of the two isolated sessions pin exactly their RAM; the others nothing.
+    let model = sidecar.model();
+    for session in sessions(&status) {
+        let worker = session["worker_pid"].as_u64().unwrap() as u32;
+        let pinned = model.mm_stats(Some(worker)).unwrap().pinned_pages << 12;
+        match session["mode"].as_str() {
+            Some("isolated") => assert_eq!(pinned, RAM, "{session}"),
+            _ => assert_eq!(pinned, 0, "{session}"),
+        }
+    }
     drop(front_ends);
 }
 
-/// The daemon's mm on the model: (locked_vm, pinned, pre-registered regions).
-fn sidecar_mm(sidecar: &Sidecar) -> (u64, u64, u64) {
-    let s = sidecar.model().mm_stats(Some(sidecar.pid())).unwrap();
+/// The mm of a worker on the model: (locked_vm, pinned, pre-registered regions).
+fn worker_mm(sidecar: &Sidecar, worker: u32) -> (u64, u64, u64) {
+    let s = sidecar.model().mm_stats(Some(worker)).unwrap();
     (s.locked_vm_pages, s.pinned_pages, s.prereg_regions)
 }
 
@@ -259,9 +269,10 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
     let sidecar = Sidecar::start("killed", &[]);
     let mut survivor = FrontEnd::set_up(&sidecar, OwnershipMode::Isolated, 1);
     assert!(!survivor.guest_put_tce(0, 1));
-    // The daemon's mm holds the survivor's registration, table and mapping; the victim must
-    // leave it exactly so.
-    let baseline = sidecar_mm(&sidecar);
+    // The survivor's worker holds its registration, table and mapping; the victim must leave
+    // it exactly so.
+    let survivor_worker = common::worker_pid(survivor.client.stream());
+    let baseline = worker_mm(&sidecar, survivor_worker);
     assert_eq!(
         baseline.1 << 12,
         RAM,
@@ -276,9 +287,9 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
     let victim_mm = Mm(std::process::id());
     assert_eq!(victim.entry_mm(&model, 3), Some(victim_mm));
     assert_eq!(
-        sidecar_mm(&sidecar),
+        worker_mm(&sidecar, survivor_worker),
         baseline,
-        "the victim pins nothing in the daemon"
+        "the victim pins nothing in the survivor's worker"
     );
 
     // A raw GROUP_ADD of a second group: the reply opens a transaction with the front-end's
@@ -325,9 +336,9 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
             .any(|s| s["id"] == victim_id)
     });
 
-    // The daemon's mm is still what the survivor alone holds; the victim's container and its
-    // mappings are its own process's until that process exits.
-    assert_eq!(sidecar_mm(&sidecar), baseline);
+    // The survivor's worker holds what it held; the victim's container and its mappings are
+    // its own process's until that process exits.
+    assert_eq!(worker_mm(&sidecar, survivor_worker), baseline);
     assert_eq!(
         model.iommu_entry(2, 3 << PAGE_SHIFT).unwrap().map(|e| e.mm),
         Some(victim_mm)
@@ -339,7 +350,7 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
 
     // The survivor never noticed.
     assert!(!survivor.guest_put_tce(5, 9));
-    assert_eq!(survivor.entry_mm(&model, 5), Some(Mm(sidecar.pid())));
+    assert_eq!(survivor.entry_mm(&model, 5), Some(Mm(survivor_worker)));
     let status = sidecar.status();
     let left = sessions(&status);
     assert_eq!(left.len(), 1, "{status}");

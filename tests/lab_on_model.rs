@@ -3,6 +3,7 @@
 //! asserted here are the ones the lab's guest saw on Linux 6.12 (tests/lab/run.sh); any
 //! difference between the two kernels is a model bug.
 
+mod common;
 #[path = "lab/scenario.rs"]
 #[allow(dead_code)]
 mod scenario;
@@ -32,10 +33,16 @@ impl Sidecar {
     fn start(name: &str) -> Sidecar {
         let dir = std::env::temp_dir().join(format!("tce-lab-model-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // The daemon, an unprivileged user, creates its sockets here.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
         let socket = dir.join("sidecar.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_tce-sidecar"))
+        let mut command = Command::new(common::BIN);
+        let options = common::unprivileged(&mut command, &[]);
+        let child = command
             .args(["--kernel", "model", "--log-level", "warn", "--socket-path"])
             .arg(&socket)
+            .args(options)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();

@@ -17,6 +17,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve one session handed over by the listener (started by the listener only).
+    #[command(hide = true)]
+    Worker(super::worker::WorkerArgs),
     /// Print the status of every session of a running sidecar as JSON.
     Status {
         /// The sidecar's socket.
@@ -86,4 +89,14 @@ pub enum ModelPlatform {
     Powernv,
     /// A pseries (PowerVM or nested KVM) host: one table level.
     Pseries,
+}
+
+impl KernelChoice {
+    /// The value `--kernel` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Linux => "linux",
+            Self::Model => "model",
+        }
+    }
 }

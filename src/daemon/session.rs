@@ -1,14 +1,13 @@
-//! One connection = one session = one thread.
+//! One connection = one session, served by the main thread of its worker process.
 //!
-//! Why a thread per session rather than an event loop: the protocol is strictly one request,
-//! one reply; each request may make blocking kernel calls (MAP_DMA pins pages) that an event
-//! loop would have to push to workers anyway; and a slow, stuck or malicious client then blocks
-//! only its own thread. The session limit bounds the threads, and shutdown wakes every thread
-//! by shutting its socket down.
+//! Why blocking reads rather than an event loop: the protocol is strictly one request, one
+//! reply; each request may make blocking kernel calls (MAP_DMA pins pages); and a slow, stuck
+//! or malicious client then blocks only its own worker. Shutdown wakes the thread by shutting
+//! its socket down.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use rustix::io::Errno;
@@ -23,17 +22,15 @@ use crate::protocol::{
 };
 
 use super::objects::{facts, SessionObjects};
-use super::Daemon;
+use super::status::SessionStatus;
 
-/// What the daemon knows of a live session, shared with the status reply and shutdown.
+/// What the worker knows of its session, shared with the thread that answers status queries.
 pub struct SessionEntry {
     pub id: u64,
     pub peer_pid: i32,
     pub peer_uid: u32,
     pub started: Instant,
     pub engine: Mutex<Session>,
-    /// A second handle on the connection, to wake the thread at shutdown.
-    pub stream: UnixStream,
 }
 
 impl SessionEntry {
@@ -43,6 +40,18 @@ impl SessionEntry {
         self.engine
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The session as GET_STATUS lists it.
+    pub fn status(&self) -> SessionStatus {
+        let uptime = self.started.elapsed().as_secs();
+        SessionStatus::new(
+            self.id,
+            self.peer_pid,
+            self.peer_uid,
+            uptime,
+            &self.engine(),
+        )
     }
 }
 
@@ -154,13 +163,14 @@ fn keep_fd(
     Ok(facts)
 }
 
-/// Serves one session until the peer disconnects or the daemon shuts the socket down, then
-/// tears down what the sidecar owns.
+/// Serves one session until the peer disconnects or the worker shuts the socket down, then
+/// tears down what the sidecar owns. `status` answers GET_STATUS (the whole daemon's).
 pub fn serve(
-    daemon: Arc<Daemon>,
-    entry: Arc<SessionEntry>,
+    entry: &SessionEntry,
     stream: UnixStream,
-    mut kernel: Box<dyn Kernel + Send>,
+    kernel: &mut dyn Kernel,
+    status: &mut dyn FnMut(u32) -> Reply,
+    host_page: u64,
 ) {
     let mut objects = SessionObjects::default();
     // One read per frame in the common case; fds go to the message that begins in their read
@@ -194,7 +204,7 @@ pub fn serve(
                 }
             };
         if let Request::GetStatus { first_session } = request {
-            if send_reply(&stream, code, &Reply::ok(daemon.status_json(first_session))).is_err() {
+            if send_reply(&stream, code, &status(first_session)).is_err() {
                 break;
             }
             continue;
@@ -202,14 +212,7 @@ pub fn serve(
         let facts = match fd {
             Some(fd) => {
                 let mode = entry.engine().mode();
-                match keep_fd(
-                    &mut objects,
-                    kernel.as_mut(),
-                    &request,
-                    fd,
-                    mode,
-                    daemon.host.page_size,
-                ) {
+                match keep_fd(&mut objects, kernel, &request, fd, mode, host_page) {
                     Ok(facts) => Some(facts),
                     Err((errno, why)) => {
                         let text = format!("{}: {why}", request.code());
@@ -226,14 +229,14 @@ pub fn serve(
         };
         let is_ops_result = request.code() == RequestCode::OpsResult;
         let action = entry.engine().handle(request, facts);
-        let Some(reply) = drive(&entry, kernel.as_mut(), &objects, action) else {
+        let Some(reply) = drive(entry, kernel, &objects, action) else {
             break;
         };
         if reply.status < 0 {
             debug!(session = id, status = reply.status, text = %reply.text, "request failed");
         }
         if reply.ops.is_empty() || is_ops_result {
-            objects.sync(entry.engine().state(), kernel.as_mut());
+            objects.sync(entry.engine().state(), kernel);
         }
         if send_reply(&stream, code, &reply).is_err() {
             break;
@@ -242,7 +245,7 @@ pub fn serve(
     // Teardown: whatever the sidecar owns goes, in order; the front-end's fds closing releases
     // what it owns.
     let action = entry.engine().disconnect();
-    drive(&entry, kernel.as_mut(), &objects, action);
+    drive(entry, kernel, &objects, action);
     let engine = entry.engine();
     let sidecar_left = if engine.mode() == Some(OwnershipMode::Isolated) {
         engine.registered_bytes()
@@ -256,6 +259,5 @@ pub fn serve(
         sidecar_registered_left = sidecar_left,
         "session ended"
     );
-    objects.release(kernel.as_mut());
-    daemon.remove_session(id);
+    objects.release(kernel);
 }

@@ -17,6 +17,9 @@ pub struct DaemonStatus {
     pub sessions: usize,
     pub max_sessions: usize,
     pub limits: Limits,
+    /// Workers that ended abnormally since the daemon started, by how: a signal's name
+    /// (`SIGSEGV`) or `exit N`. Each took only its own session with it.
+    pub worker_deaths: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -73,6 +76,8 @@ pub struct Counters {
 #[derive(Serialize)]
 pub struct SessionStatus {
     pub id: u64,
+    /// The process serving this session (one worker per session).
+    pub worker_pid: u32,
     pub mode: Option<&'static str>,
     pub phase: &'static str,
     pub peer_pid: i32,
@@ -91,7 +96,10 @@ pub struct SessionStatus {
 #[derive(Serialize)]
 pub struct StatusReply {
     pub daemon: DaemonStatus,
-    pub sessions: Vec<SessionStatus>,
+    /// The id of the session this reply was asked on.
+    pub session: u64,
+    /// Each session as its worker describes it ([`SessionStatus`]).
+    pub sessions: Vec<serde_json::Value>,
     /// Index to ask for next when the sessions did not fit in one reply.
     pub next_session: Option<u32>,
 }
@@ -115,6 +123,7 @@ impl SessionStatus {
         };
         Self {
             id,
+            worker_pid: std::process::id(),
             mode: session.mode().map(mode_name),
             phase: match session.phase() {
                 Phase::New => "new",

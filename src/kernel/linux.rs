@@ -450,6 +450,25 @@ pub fn adopt_listening_socket(fd: RawFd) -> Result<OwnedFd, Errno> {
     Ok(owned)
 }
 
+/// Takes ownership of a socket a worker inherited from its listener (`--connection-fd` and
+/// the control channels) and marks it close-on-exec.
+pub fn adopt_inherited_socket(fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: F_GETFD reads the fd's flags and touches no memory; it fails with EBADF for a
+    // number that is not an open fd, which is what makes the adoption below sound.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Errno::BADF);
+    }
+    // SAFETY: the fd is open (checked above) and the listener handed it to this process to
+    // own; nothing else in the process refers to it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if rustix::net::sockopt::socket_domain(&owned)? != rustix::net::AddressFamily::UNIX {
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(owned);
+        return Err(Errno::NOTSOCK);
+    }
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(owned)
+}
+
 /// What this host's kernel offers the product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCaps {

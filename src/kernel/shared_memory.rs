@@ -307,6 +307,9 @@ mod tests {
         let view = TceView::new(fd.as_fd(), entries).unwrap();
         assert_eq!(view.read(entries - 1, 1), Ok(vec![0]));
         assert_eq!(view.read(entries, 1), Err(Errno::INVAL));
-        assert_eq!(TceView::new(fd.as_fd(), 2 * entries).unwrap_err(), Errno::FAULT);
+        assert_eq!(
+            TceView::new(fd.as_fd(), 2 * entries).unwrap_err(),
+            Errno::FAULT
+        );
     }
 }

@@ -30,6 +30,61 @@ pub const READY: Duration = Duration::from_secs(10);
 /// Read and write timeout of every test socket.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Who the daemon runs as when the tests run as root: the daemon needs no privilege, and the
+/// tests prove it (`nobody` on Debian).
+pub const DAEMON_UID: u32 = 65534;
+/// The daemon's locked-memory limit: its workers have no `CAP_IPC_LOCK`, and isolated sessions
+/// pin their guest RAM plus TCE tables. Only a process with `CAP_SYS_RESOURCE` may raise a hard
+/// limit, and root in a container often lacks it: the limit is then the hard limit root has
+/// (8 MiB by default), which the tests' guests fit in.
+pub const DAEMON_MEMLOCK: u64 = 64 << 20;
+
+/// Makes `command` start the daemon as [`DAEMON_UID`] (when this process is root) with a
+/// locked-memory limit of [`DAEMON_MEMLOCK`], dying with the test thread that starts it. Returns
+/// the extra options the daemon then needs: `--allow-uid` for this process, unless `extra`
+/// gives one.
+pub fn unprivileged(command: &mut Command, extra: &[&str]) -> Vec<String> {
+    let root = rustix::process::geteuid().is_root();
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // system calls (setrlimit, setgroups, setgid, setuid, prctl) on plain values.
+    unsafe {
+        command.pre_exec(move || {
+            let check = |r: libc::c_int| match r {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            };
+            if root {
+                // Raised while still root, as far as the hard limit lets (beyond it only with
+                // CAP_SYS_RESOURCE).
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                check(libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit))?;
+                let wanted = libc::rlimit {
+                    rlim_cur: DAEMON_MEMLOCK,
+                    rlim_max: DAEMON_MEMLOCK,
+                };
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &wanted) != 0 {
+                    limit.rlim_cur = limit.rlim_max;
+                    check(libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit))?;
+                }
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(DAEMON_UID))?;
+                check(libc::setuid(DAEMON_UID))?;
+            }
+            // After the uid change, which clears it: the daemon dies with the test thread that
+            // started it, even when a failing test never reaches the guard's drop.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))
+        });
+    }
+    let mut options = Vec::new();
+    if root && !extra.contains(&"--allow-uid") {
+        options.extend(["--allow-uid".to_string(), "0".to_string()]);
+    }
+    options
+}
+
 /// A directory of its own for one test, removed on drop.
 pub struct TestDir(PathBuf);
 
@@ -41,6 +96,9 @@ impl TestDir {
         let path = std::env::temp_dir().join(format!("tce-{}-{n}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path).expect("create the test directory");
+        // The daemon, an unprivileged user, creates its sockets here.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("open the test directory to the daemon");
         Self(path)
     }
 
@@ -136,6 +194,7 @@ impl Sidecar {
             args.extend(["--model-socket".into(), model_socket.display().to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(unprivileged(&mut command, extra));
         command
             .args(&args)
             .env_remove("RUST_LOG")
@@ -146,14 +205,9 @@ impl Sidecar {
             .as_ref()
             .map(|(l, target)| (l.as_raw_fd(), *target));
         // SAFETY: the hook runs in the forked child before exec and makes only
-        // async-signal-safe calls (prctl, dup2, fcntl) on plain integers; it allocates nothing.
+        // async-signal-safe calls (dup2, fcntl) on plain integers; it allocates nothing.
         unsafe {
             command.pre_exec(move || {
-                // The daemon dies with the test thread that started it, even when a failing
-                // test never reaches the guard's drop.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 // The listener loses close-on-exec in the child only, so no other child this
                 // test process spawns meanwhile inherits it.
                 let r = match inherit {
@@ -361,4 +415,23 @@ pub fn registered_left_at_end(log: &str, id: u64) -> Option<u64> {
     let line = log.lines().find(|l| l.contains(&marker))?;
     let value = line.split("sidecar_registered_left=").nth(1)?;
     value.split_whitespace().next()?.parse().ok()
+}
+
+/// The pid of the worker serving the session on `stream`, from a GET_STATUS asked on it (the
+/// session's state is unchanged by it).
+pub fn worker_pid(stream: &UnixStream) -> u32 {
+    use tce_sidecar::protocol::{decode_reply, encode_request, recv_frame, send_frame, Request};
+    let request = Request::GetStatus { first_session: 0 };
+    let payload = encode_request(&request);
+    send_frame(stream, request.code() as u32, false, &payload, &[]).expect("send GET_STATUS");
+    let frame = recv_frame(stream, true).expect("the GET_STATUS reply");
+    let reply = decode_reply(&frame.header, &frame.payload, frame.fds.len()).expect("a reply");
+    assert_eq!(reply.status, 0, "GET_STATUS: {}", reply.text);
+    let status: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    let mine = &status["session"];
+    status["sessions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| &s["id"] == mine))
+        .and_then(|s| s["worker_pid"].as_u64())
+        .expect("the asking session is listed with its worker") as u32
 }

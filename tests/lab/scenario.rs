@@ -28,8 +28,9 @@ pub const H_SUCCESS: i64 = 0;
 
 /// The guest's LIOBN for its one table.
 pub const LIOBN: u64 = 0x8000_0000;
-/// Guest RAM: one region at guest address 0.
-pub const RAM_SIZE: u64 = 64 << 20;
+/// Guest RAM: one region at guest address 0, small enough for the 8 MiB locked-memory limit a
+/// user gets by default (the sidecar pins it in isolated mode, with its TCE tables).
+pub const RAM_SIZE: u64 = 4 << 20;
 /// The table: 256 MiB of 4 KiB IOMMU pages at bus address 0 (the default 32-bit window's place).
 pub const BUS_OFFSET: u64 = 0;
 pub const PAGE_SHIFT: u32 = 12;
@@ -40,8 +41,8 @@ pub const BATCHES: u64 = 32;
 pub const BATCH: u64 = 512;
 /// Guest pages holding the indirect lists (one per batch), and the guest RAM the TCEs map.
 pub const LIST_GPA: u64 = 1 << 20;
-pub const DMA_GPA: u64 = 16 << 20;
-pub const DMA_SIZE: u64 = 32 << 20;
+pub const DMA_GPA: u64 = 2 << 20;
+pub const DMA_SIZE: u64 = 2 << 20;
 
 /// One hypercall of the guest program: number (r3) and arguments (r4..r7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
