@@ -92,9 +92,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         model_socket,
         log_level: args.log_level,
     };
+    let backend: Arc<dyn Backend> = Arc::from(backend);
     let daemon = Arc::new(Daemon::new(
-        backend.name(),
-        daemon::features(backend.caps()),
+        Arc::clone(&backend),
         args.max_sessions,
         command,
     ));

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 use super::cli::KernelChoice;
 use super::control::{self, Channel, Message};
 use super::status::{DaemonStatus, StatusReply};
-use super::{bind, Config, DaemonError, Listen};
+use super::{bind, features, Backend, Config, DaemonError, Listen};
 use crate::engine::Limits;
 use crate::protocol::{
     encode_reply, recv_frame, send_frame, Reply, MAX_PAYLOAD, MAX_TEXT, VERSION,
@@ -54,6 +54,7 @@ struct Worker {
 
 /// The listener's state.
 pub struct Daemon {
+    backend: Arc<dyn Backend>,
     kernel: &'static str,
     features: u64,
     limits: Limits,
@@ -74,15 +75,11 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Daemon {
-    pub fn new(
-        kernel: &'static str,
-        features: u64,
-        max_sessions: usize,
-        command: WorkerCommand,
-    ) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, max_sessions: usize, command: WorkerCommand) -> Self {
         Self {
-            kernel,
-            features,
+            kernel: backend.name(),
+            features: features(backend.caps()),
+            backend,
             limits: Limits::default(),
             started: Instant::now(),
             max_sessions,
@@ -314,7 +311,9 @@ fn supervise(daemon: &Daemon, id: u64, mut child: Child, status: Channel) {
     // Removed before it is reaped: a signal sent by pid then never reaches a reused pid.
     locked(&daemon.workers).remove(&id);
     let pid = child.id();
-    match child.wait() {
+    let exit = child.wait();
+    daemon.backend.process_exited(pid);
+    match exit {
         Ok(exit) => match (exit.signal(), exit.code()) {
             (Some(signal), _) => {
                 let name = signal_name(signal);

@@ -64,6 +64,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// What the kernel offers the product.
     fn caps(&self) -> HostCaps;
+    /// A worker exited and was reaped. The real kernel has released what it held by then; a
+    /// simulated one is told here.
+    fn process_exited(&self, _pid: u32) {}
     /// Releases what the backend holds outside sessions, at exit.
     fn shutdown(&self) {}
 }
@@ -142,6 +145,9 @@ impl Backend for ModelBackend {
             eeh: self.eeh,
             vfio: true,
         }
+    }
+    fn process_exited(&self, pid: u32) {
+        self.server.process_exited(crate::kernel::model::Mm(pid));
     }
     fn shutdown(&self) {
         let _ = std::fs::remove_file(&self.socket);

@@ -567,6 +567,12 @@ impl ModelKernel {
         })
     }
 
+    /// The process owning `mm` exited, its files already closed: its address space goes, with
+    /// whatever it still had pre-registered (`mm_iommu_cleanup`) and its locked-memory charge.
+    pub fn exit_mm(&mut self, mm: Mm) {
+        self.mms.remove(&mm);
+    }
+
     /// How many files have been released since the kernel started.
     pub fn released_files(&self) -> u64 {
         self.released_files

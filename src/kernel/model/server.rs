@@ -227,6 +227,8 @@ struct State {
     kernel: ModelKernel,
     by_inode: HashMap<(u64, u64), FileId>,
     standins: HashMap<FileId, OwnedFd>,
+    /// The files each process opened or created and has not closed: what its exit closes.
+    opened: HashMap<Mm, Vec<FileId>>,
     /// The kernel's released-file count at the last collection.
     collected: u64,
 }
@@ -373,7 +375,10 @@ impl Shared {
         let reply = match result {
             Ok(Out::Words(w)) => Ok((w, None)),
             Ok(Out::File(None)) => Ok((Vec::new(), None)),
-            Ok(Out::File(Some(id))) => state.standin(id).map(|fd| (Vec::new(), Some(fd))),
+            Ok(Out::File(Some(id))) => {
+                state.opened.entry(caller).or_default().push(id);
+                state.standin(id).map(|fd| (Vec::new(), Some(fd)))
+            }
             Err(e) => Err(e),
         };
         state.collect();
@@ -402,6 +407,9 @@ impl Shared {
             Op::OpenVfioGroup => Ok(Out::File(Some(k.open_vfio_group(r.u32(0)?)?))),
             Op::Close => {
                 let id = target(s, r, 0)?;
+                if let Some(opened) = s.opened.get_mut(&caller) {
+                    opened.retain(|&f| f != id);
+                }
                 s.kernel.close(id).map(|()| Out::Words(Vec::new()))
             }
             Op::KvmCreateVm => {
@@ -775,6 +783,7 @@ impl ModelServer {
                     kernel,
                     by_inode: HashMap::new(),
                     standins: HashMap::new(),
+                    opened: HashMap::new(),
                     collected: 0,
                 }),
             }),
@@ -819,6 +828,22 @@ impl ModelServer {
                 caller,
             },
         }
+    }
+
+    /// Process `mm` exited: the kernel closes the files it opened and still held, then tears
+    /// its address space down (its pre-registered memory and locked-memory charge go). The
+    /// server cannot see fds being closed or passed on, so it closes what the process itself
+    /// opened or created: a process that passed such a file to another before exiting is not
+    /// modelled (the sidecar never passes its own files).
+    pub fn process_exited(&self, mm: Mm) {
+        let mut state = self.shared.lock();
+        for id in state.opened.remove(&mm).unwrap_or_default() {
+            if state.kernel.file_kind(id).is_some() {
+                let _ = state.kernel.close(id);
+            }
+        }
+        state.kernel.exit_mm(mm);
+        state.collect();
     }
 
     /// The model file a stand-in fd names, if it names one.
