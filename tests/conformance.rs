@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{wait_until, Sidecar, IO_TIMEOUT};
+use common::{open_fds, wait_until, Sidecar, IO_TIMEOUT};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tce_sidecar::client::model_vm::ModelVm;
 use tce_sidecar::kernel::model::Mm;
@@ -307,12 +307,6 @@ impl Conn {
 
 fn memfd(size: u64) -> OwnedFd {
     tce_sidecar::kernel::shared_memory::sealed_memfd("conformance", size).unwrap()
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 fn group_add(group: u32, container: u32, iommu_group: u32) -> Vec<u8> {

@@ -429,9 +429,45 @@ pub fn worker_pid(stream: &UnixStream) -> u32 {
     assert_eq!(reply.status, 0, "GET_STATUS: {}", reply.text);
     let status: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
     let mine = &status["session"];
-    status["sessions"]
+    let pid = status["sessions"]
         .as_array()
         .and_then(|all| all.iter().find(|s| &s["id"] == mine))
         .and_then(|s| s["worker_pid"].as_u64())
-        .expect("the asking session is listed with its worker") as u32
+        .expect("the asking session is listed with its worker") as u32;
+    assert_sandboxed(pid);
+    pid
+}
+
+/// Every worker serves its session under a seccomp filter, with no_new_privs.
+pub fn assert_sandboxed(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the worker lives");
+    for (field, value) in [("Seccomp", "2"), ("NoNewPrivs", "1")] {
+        let shown = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(str::trim);
+        assert_eq!(shown, Some(value), "worker {pid}: {field}");
+    }
+}
+
+/// How many fds the daemon's listener `pid` holds for itself: the model kernel it also serves
+/// keeps a stand-in for every file of the simulated kernel (`memfd:model:...`), which belong to
+/// the simulation, not to the daemon.
+pub fn listener_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the listener lives")
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .map(|target| !target.to_string_lossy().starts_with("/memfd:model:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// How many fds process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process lives")
+        .count()
 }
