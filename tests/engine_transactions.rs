@@ -531,6 +531,26 @@ fn tce_update_inline_coalesces_contiguous_runs() {
         ]
     );
     assert_eq!(d.session.entries_mapped(), 5);
+    // H_STUFF_TCE with permission bits is refused as KVM refuses it: before anything changes,
+    // so the mapped entries stay mapped (§7.8).
+    let stuff = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 20,
+        entries: TceEntries::Stuff(3),
+    };
+    let reply = d.request(Request::TceUpdate(stuff), None);
+    assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
+    assert!(reply.text.contains("permission bits"), "{}", reply.text);
+    assert_eq!(
+        TceUpdateBody::decode(&reply.body),
+        Some(TceUpdateBody {
+            h_status: -4,
+            processed: 0
+        })
+    );
+    assert!(d.take_log().is_empty());
+    assert_eq!(d.session.entries_mapped(), 5);
     // Clearing them unmaps exactly the mapped run.
     let clear = TceUpdate {
         table_id: 1,

@@ -407,6 +407,16 @@ pub fn start(
             if state.window_of(table).is_none() {
                 return Err(err(Errno::INVAL, format!("{table} has no window")));
             }
+            if let TceEntries::Stuff(value) = update.entries {
+                if value & (TCE_READ | TCE_WRITE) != 0 {
+                    // KVM's H_STUFF_TCE refuses this before it changes anything (book3s_64_vio.c);
+                    // so does the sidecar, in both modes (§7.8): nothing is unmapped.
+                    return Err(err(
+                        Errno::INVAL,
+                        "H_STUFF_TCE carries permission bits; it can only clear entries",
+                    ));
+                }
+            }
             let end = update.first_index.checked_add(update.count.into());
             let refusal = end.is_none_or(|end| end > t.desc.entries).then(|| {
                 err(
@@ -924,12 +934,8 @@ impl TceUpdateProc {
         self.op_starts.clear();
         let mut ops = Vec::new();
 
-        if let TceEntries::Stuff(value) = self.update.entries {
-            if value & (TCE_READ | TCE_WRITE) != 0 {
-                // H_STUFF_TCE only clears (book3s_64_vio.c refuses permission bits).
-                return Err(self
-                    .parameter("H_STUFF_TCE carries permission bits; it can only clear entries"));
-            }
+        if let TceEntries::Stuff(_) = self.update.entries {
+            // Permission bits were refused before the procedure started: this only clears.
             for (start, len) in self.unmap_runs(t, mode, first, count) {
                 self.op_starts.push_back(start - first);
                 ops.push(KernelOp::UnmapDma {
