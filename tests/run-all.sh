@@ -137,6 +137,7 @@ fuzz_run() {
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 
 step "setup: C compilers and uapi headers for the kernel ABI test" bash tests/setup/kernel-abi.sh
+step "setup: gdb for the seccomp test" bash tests/setup/test-tools.sh
 step "formatting (cargo fmt --check)" cargo fmt --all -- --check
 step "lints (cargo clippy --all-targets -D warnings)" cargo clippy --all-targets -- -D warnings
 step "test suite (cargo test)" cargo test --all-targets
