@@ -60,6 +60,9 @@ pub struct WorkerArgs {
 
 /// Runs the worker until its session ends.
 pub fn run(args: WorkerArgs) -> Result<(), DaemonError> {
+    // Only the fds the session needs: the listener may have inherited others from its parent.
+    linux::close_other_fds(&[args.connection_fd, args.query_fd, args.status_fd])
+        .map_err(|e| DaemonError::Worker(e.into()))?;
     // Executed as /proc/self/exe, the process would be named "exe".
     let _ = rustix::thread::set_name(c"tce-sidecar");
     // Before any thread starts: what this thread drops, every later thread lacks too.

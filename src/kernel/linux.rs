@@ -469,6 +469,32 @@ pub fn adopt_inherited_socket(fd: RawFd) -> Result<OwnedFd, Errno> {
     Ok(owned)
 }
 
+/// Closes every fd of the process but stdin, stdout, stderr and `keep`: a worker starts with
+/// only the fds it needs, whatever its listener inherited from whoever started it.
+///
+/// Must run first thing in the process, before anything opens a file.
+pub fn close_other_fds(keep: &[RawFd]) -> Result<(), Errno> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for fd in keep.into_iter().chain([u32::MAX]) {
+        if fd > first {
+            // SAFETY: close_range(2) only closes fds; the caller runs this before anything in
+            // the process owns an fd in these ranges (nothing refers to them afterwards).
+            let ret = unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) };
+            if ret != 0 {
+                let err = std::io::Error::last_os_error();
+                return Err(Errno::from_io_error(&err).unwrap_or(Errno::IO));
+            }
+        }
+        first = first.max(fd.saturating_add(1));
+    }
+    Ok(())
+}
+
 /// What this host's kernel offers the product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCaps {
