@@ -925,6 +925,11 @@ fn adopt_rebuilds_an_accelerated_session_as_it_was() {
         d.request(adopt(1, 7), None).status,
         -Errno::EXIST.raw_os_error()
     );
+    // A second group of the same, already adopted container: no call, and the session keeps it.
+    d.ok(adopt(2, 8), None);
+    assert!(d.take_log().is_empty());
+    assert_eq!(d.session.state().groups[&G2].container, C0);
+    assert!(d.session.state().containers[&C0].groups.contains(&G2));
 
     lost.ok(Request::WindowRemove { table_id: 1 }, None);
     d.ok(Request::WindowRemove { table_id: 1 }, None);

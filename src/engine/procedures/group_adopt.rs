@@ -70,11 +70,13 @@ impl GroupAdopt {
 
     pub(super) fn finished(&self, state: &mut State, ok: bool) {
         let (group, container) = (self.group, self.container);
-        if ok && self.new_container {
-            // TCE_GET_INFO recorded the default window a new container starts with; the
-            // front-end removed it when it set the container up.
-            if let Some(c) = state.containers.get_mut(&container) {
-                c.windows.retain(|_, w| !w.default);
+        if ok {
+            if self.new_container {
+                // TCE_GET_INFO recorded the default window a new container starts with; the
+                // front-end removed it when it set the container up.
+                if let Some(c) = state.containers.get_mut(&container) {
+                    c.windows.retain(|_, w| !w.default);
+                }
             }
             return;
         }
