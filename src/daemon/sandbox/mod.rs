@@ -99,11 +99,13 @@ mod tests {
 
     /// The calls ppc64le also offers through socketcall(2), which libseccomp names by pseudo
     /// numbers and turns into rules for both forms.
-    const SOCKETCALLS: [&str; 7] = [
+    const SOCKETCALLS: [&str; 9] = [
         "recvmsg",
         "sendmsg",
         "recvfrom",
         "sendto",
+        "send",
+        "recv",
         "shutdown",
         "setsockopt",
         "getsockopt",
