@@ -78,9 +78,22 @@ pub struct LinuxBackend {
 
 impl LinuxBackend {
     pub fn new() -> Self {
-        Self {
-            caps: linux::host_caps(),
+        let caps = linux::host_caps();
+        if !caps.spapr_tce_vfio {
+            // Say why accelerated mode is not offered when the reason is the sidecar's own
+            // access, not the host: it only asks /dev/kvm for KVM_CAP_SPAPR_TCE_VFIO.
+            let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC;
+            let opened = rustix::fs::open("/dev/kvm", flags, rustix::fs::Mode::empty());
+            if let Err(errno @ (Errno::ACCESS | Errno::PERM)) = opened {
+                tracing::warn!(
+                    %errno,
+                    "cannot open /dev/kvm: accelerated mode is not offered; the sidecar only \
+                     asks it whether KVM can take TCE updates over (KVM_CAP_SPAPR_TCE_VFIO), so \
+                     give its user read access (on Debian, the kvm group)"
+                );
+            }
         }
+        Self { caps }
     }
 }
 

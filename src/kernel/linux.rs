@@ -511,7 +511,8 @@ pub struct HostCaps {
 /// `VFIO_CHECK_EXTENSION` on a fresh container are system queries any process may make.
 pub fn host_caps() -> HostCaps {
     let open = |path| rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).ok();
-    let kvm = open("/dev/kvm");
+    // Only asked, never used: reading is enough (Debian gives the kvm group access).
+    let kvm = rustix::fs::open("/dev/kvm", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
     let vfio = open(VFIO_CONTAINER_PATH);
     let present =
         |fd: &Option<OwnedFd>, check: fn(BorrowedFd<'_>, u32) -> Result<u32, Errno>, cap| {
