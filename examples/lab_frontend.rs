@@ -8,8 +8,23 @@
 //!
 //! ```text
 //! lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated]
+//!                  [--sidecar-user UID:GID]
 //! lab_frontend check-refusals --vm-pid PID --container-pid PID   (the helper process)
+//! lab_frontend seccomp-probe                                     (killed by its own filter)
 //! ```
+//!
+//! With `--sidecar-user` the sidecar runs as that user (allowing this process's uid to connect),
+//! with the locked-memory limit this process has: the init of the lab sets one large enough for
+//! isolated mode. The summary lines name the running kernel (`LAB kernel=<version> ...`). After a
+//! session's work its worker must be confined (`WORKER pid=N seccomp=2 no_new_privs=1`), and once
+//! the session is over the worker must be gone, not killed by a signal (`WORKER-END ...`).
+//!
+//! `seccomp-probe` sets no_new_privs and a seccomp filter that kills the process
+//! (`SECCOMP_RET_KILL_PROCESS`) on getppid(2), then calls it: the lab checks that the kernel logs
+//! such a kill, so that the absence of any other record in the log means something.
+//!
+//! Guest RAM and, in isolated mode, the TCE table are memfds sealed against shrinking and growing
+//! (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), as the sidecar requires of the memory it maps.
 //!
 //! `KVM_RUN` runs on a short-lived thread of its own: on this setup the userspace FP and vector
 //! registers of the thread that ran the vCPU were seen clobbered across the call, which breaks
@@ -24,8 +39,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags, Mode, OFlags};
-use scenario::{Error, Hcall, LabVm};
+use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, Mode, OFlags, SealFlags};
+use scenario::{Error, Hcall, LabVm, Sandbox};
 use tce_sidecar::kernel::abi::{self, ioc, Dir, IocArch, Ioctl, KvmCreateSpaprTce64, KVMIO};
 use tce_sidecar::kernel::linux::{self, Linux, SharedMapping};
 use tce_sidecar::kernel::{
@@ -203,8 +218,7 @@ impl RealVm {
         let device = linux::create_kvm_vfio_device(vm.as_fd())?;
 
         let size = scenario::RAM_SIZE;
-        let ram_fd = memfd_create("guest-ram", MemfdFlags::CLOEXEC)?;
-        ftruncate(&ram_fd, size)?;
+        let ram_fd = sealed_memfd("guest-ram", size)?;
         let ram = SharedMapping::map(ram_fd.as_fd(), size as usize)?;
         let mut slot = KvmUserspaceMemoryRegion {
             slot: 0,
@@ -269,6 +283,30 @@ impl RealVm {
             self.write_ram(gpa + 8 * i as u64, lo | hi << 32);
         }
     }
+}
+
+/// A memfd of `size` bytes that can neither shrink nor grow, with its seals sealed, as QEMU's
+/// `memory-backend-memfd` makes guest RAM.
+fn sealed_memfd(name: &str, size: u64) -> Result<OwnedFd, Error> {
+    let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    ftruncate(&fd, size)?;
+    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// The value of field `name` (e.g. `Seccomp:`) in a `/proc/PID/status` text.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// The first word of a status field's value (`Uid:` has four), or `?`.
+fn first_word(value: Option<&str>) -> &str {
+    value
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or("?")
 }
 
 fn locked_bytes(pid: u32) -> Result<u64, Error> {
@@ -336,11 +374,7 @@ impl LabVm for RealVm {
                     )
                 }?)
             }
-            OwnershipMode::Isolated => {
-                let fd = memfd_create("guest-tce-table", MemfdFlags::CLOEXEC)?;
-                ftruncate(&fd, bytes as u64)?;
-                fd
-            }
+            OwnershipMode::Isolated => sealed_memfd("guest-tce-table", bytes as u64)?,
         };
         let mapping = SharedMapping::map(fd.as_fd(), bytes)?;
         let copy = fd.try_clone()?;
@@ -441,6 +475,36 @@ impl LabVm for RealVm {
         self.group = None;
         self.device = None;
         Ok(())
+    }
+    fn worker_sandbox(&self, worker_pid: Option<u32>) -> Option<Result<Sandbox, String>> {
+        let Some(pid) = worker_pid else {
+            let why = "no worker_pid in the session's GET_STATUS entry";
+            println!("WORKER pid=none why=\"{why}\"");
+            return Some(Err(why.into()));
+        };
+        let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("reading /proc/{pid}/status: {e}");
+                println!("WORKER pid={pid} why=\"{why}\"");
+                return Some(Err(why));
+            }
+        };
+        let number = |name: &str| status_field(&status, name).and_then(|v| v.parse().ok());
+        let sandbox = Sandbox {
+            pid,
+            seccomp: number("Seccomp:"),
+            no_new_privs: number("NoNewPrivs:"),
+        };
+        let show = |v: Option<u32>| v.map_or("none".into(), |v| v.to_string());
+        println!(
+            "WORKER pid={pid} seccomp={} no_new_privs={} uid={} ppid={}",
+            show(sandbox.seccomp),
+            show(sandbox.no_new_privs),
+            first_word(status_field(&status, "Uid:")),
+            first_word(status_field(&status, "PPid:")),
+        );
+        Some(Ok(sandbox))
     }
     fn group_reattachable(&mut self) -> Result<(), Error> {
         let group = rustix::fs::open(
@@ -587,22 +651,90 @@ fn check_refusals(vm_pid: u32, container_pid: u32) -> Result<(), Error> {
     Ok(())
 }
 
+// ---- the seccomp probe -------------------------------------------------------------------------
+
+/// Sets no_new_privs and a filter killing the process on getppid(2), then calls it.
+fn seccomp_probe() -> Result<(), Error> {
+    use libc::{sock_filter, sock_fprog, BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut filter = [
+        // seccomp_data.nr
+        op(BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),
+        op(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, libc::SYS_getppid as u32),
+        op(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        op(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) } != 0 {
+        return Err(format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()).into());
+    }
+    // SAFETY: PR_SET_SECCOMP with SECCOMP_MODE_FILTER reads the `sock_fprog` and its `len`
+    // instructions, both live for the call; the kernel copies the program.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::c_ulong::from(libc::SECCOMP_MODE_FILTER),
+            &program as *const sock_fprog,
+        )
+    } != 0
+    {
+        return Err(format!("PR_SET_SECCOMP: {}", std::io::Error::last_os_error()).into());
+    }
+    // SAFETY: getppid(2) takes no arguments; the filter kills the process here.
+    unsafe { libc::syscall(libc::SYS_getppid) };
+    Err("the seccomp filter did not kill the process".into())
+}
+
 // ---- the lab run ------------------------------------------------------------------------------
+
+/// The running kernel's upstream version, e.g. `6.12.57` for `6.12.57+deb12-powerpc64le`.
+fn kernel_version() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| {
+            r.trim()
+                .split(['+', '-'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
 
 struct Sidecar {
     child: Child,
+    binary: PathBuf,
     socket: PathBuf,
 }
 
 impl Sidecar {
-    fn start(binary: &Path, dir: &Path) -> Result<Self, Error> {
+    /// Starts the sidecar, as `user` (uid, gid) if given, allowing this process's uid.
+    fn start(binary: &Path, dir: &Path, user: Option<(u32, u32)>) -> Result<Self, Error> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("sidecar.sock");
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(binary)
-            .args(["--kernel", "linux", "--log-level", "warn", "--socket-path"])
-            .arg(&socket)
-            .spawn()?;
+        let mut command = Command::new(binary);
+        command.args(["--kernel", "linux", "--log-level", "warn", "--socket-path"]);
+        command.arg(&socket);
+        if let Some((uid, gid)) = user {
+            use std::os::unix::process::CommandExt;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+            // The child drops its supplementary groups, then takes the gid and the uid.
+            command.uid(uid).gid(gid);
+            command
+                .arg("--allow-uid")
+                .arg(rustix::process::getuid().as_raw().to_string());
+        }
+        let child = command.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
             if Instant::now() > deadline {
@@ -610,7 +742,71 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(Self { child, socket })
+        Ok(Self {
+            child,
+            binary: binary.to_owned(),
+            socket,
+        })
+    }
+
+    /// The daemon's status, asked with `tce-sidecar status`.
+    fn status(&self) -> Result<serde_json::Value, Error> {
+        let out = Command::new(&self.binary)
+            .arg("status")
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("tce-sidecar status: {}", out.status).into());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// How the worker of an ended session ended: it must be gone (reaped) within 5 s, and the
+    /// daemon's `worker_deaths` (abnormal ends) must be empty. Returns the failures.
+    fn worker_end(&self, worker: u32) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let started = Instant::now();
+        // present until the daemon has reaped it
+        let state = || {
+            std::fs::read_to_string(format!("/proc/{worker}/status"))
+                .ok()
+                .map(|s| status_field(&s, "State:").unwrap_or("?").to_owned())
+        };
+        while state().is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(state) = state() {
+            let why = if state.starts_with('Z') {
+                format!("worker {worker} exited but was not reaped by the daemon within 5 s")
+            } else {
+                format!("worker {worker} still running ({state}) 5 s after its session ended")
+            };
+            println!("WORKER-END pid={worker} result=FAIL why=\"{why}\"");
+            return vec![why];
+        }
+        let gone_ms = started.elapsed().as_millis();
+        // the daemon records an abnormal end as it reaps the worker
+        std::thread::sleep(Duration::from_millis(100));
+        let deaths = match self.status() {
+            Ok(s) => s["daemon"]["worker_deaths"].clone(),
+            Err(e) => {
+                println!("WORKER-END pid={worker} result=FAIL why=\"{e}\"");
+                return vec![format!("status after the session: {e}")];
+            }
+        };
+        let bad: Vec<String> = deaths
+            .as_object()
+            .map(|m| m.iter().map(|(how, n)| format!("{how}: {n}")).collect())
+            .unwrap_or_default();
+        println!(
+            "WORKER-END pid={worker} gone_after_ms={gone_ms} worker_deaths={deaths} result={}",
+            if bad.is_empty() { "PASS" } else { "FAIL" }
+        );
+        bad.into_iter()
+            .map(|b| format!("a worker ended by {b}"))
+            .collect()
     }
 }
 
@@ -641,16 +837,39 @@ fn run(args: &[String]) -> Result<bool, Error> {
         Some("isolated") => vec![OwnershipMode::Isolated],
         Some(other) => return Err(format!("unknown mode {other}").into()),
     };
-    let sidecar = Sidecar::start(&binary, Path::new("/tmp/tce-lab"))?;
+    let user = match arg(args, "--sidecar-user").ok() {
+        None => None,
+        Some(u) => {
+            let (uid, gid) = u.split_once(':').ok_or("--sidecar-user takes UID:GID")?;
+            Some((uid.parse()?, gid.parse()?))
+        }
+    };
+    let kernel = kernel_version();
+    let sidecar = Sidecar::start(&binary, Path::new("/tmp/tce-lab"), user)?;
     let pid = sidecar.child.id();
-    println!("lab: sidecar pid {pid} on {}", sidecar.socket.display());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let memlock = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .map(|l| l.split_whitespace().skip(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!(
+        "lab: sidecar pid {pid} on {}, uid {} gid {}, locked-memory limit (soft hard) {memlock}",
+        sidecar.socket.display(),
+        first_word(status_field(&status, "Uid:")),
+        first_word(status_field(&status, "Gid:")),
+    );
     let mut pass = true;
     for mode in modes {
         let started = Instant::now();
         let outcome = RealVm::create(&group)
             .and_then(|mut vm| scenario::run_session(&mut vm, &sidecar.socket, pid, mode));
-        let outcome = outcome.map_err(|e| e.to_string());
-        if let Ok(o) = &outcome {
+        let mut outcome = outcome.map_err(|e| e.to_string());
+        if let Ok(o) = &mut outcome {
+            if let Some(worker) = o.worker_pid {
+                o.later_failures = sidecar.worker_end(worker);
+            }
             println!(
                 "lab: {mode:?}: locked (front-end, sidecar) start {:?} during {:?} end {:?}; {} ms",
                 o.locked_start,
@@ -660,9 +879,29 @@ fn run(args: &[String]) -> Result<bool, Error> {
             );
         }
         pass &= outcome.as_ref().is_ok_and(|o| o.failures(mode).is_empty());
-        println!("{}", scenario::summary(&machine, mode, &outcome));
+        let line = scenario::summary(&machine, mode, &outcome);
+        println!(
+            "{}",
+            line.replacen("LAB ", &format!("LAB kernel={kernel} "), 1)
+        );
     }
     Ok(pass)
+}
+
+/// `run-as UID:GID PROGRAM [ARG]...`: executes PROGRAM as that user, without supplementary
+/// groups; for the nested lab's L1, whose busybox cannot change users.
+fn run_as(args: &[String]) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    let [user, program, rest @ ..] = args else {
+        return Err("run-as UID:GID PROGRAM [ARG]...".into());
+    };
+    let (uid, gid) = user.split_once(':').ok_or("run-as takes UID:GID")?;
+    let err = Command::new(program)
+        .args(rest)
+        .uid(uid.parse()?)
+        .gid(gid.parse()?)
+        .exec();
+    Err(format!("cannot execute {program}: {err}").into())
 }
 
 fn main() {
@@ -674,7 +913,9 @@ fn main() {
             let owner: u32 = arg(&args, "--container-pid")?.parse()?;
             check_refusals(vm, owner).map(|()| true)
         })(),
-        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated] | check-refusals --vm-pid PID --container-pid PID".into()),
+        Some("seccomp-probe") => seccomp_probe().map(|()| true),
+        Some("run-as") => run_as(&args[2..]).map(|()| true),
+        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated] [--sidecar-user UID:GID] | check-refusals --vm-pid PID --container-pid PID | seccomp-probe | run-as UID:GID PROGRAM [ARG]...".into()),
     };
     match result {
         Ok(true) => {}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use scenario::{Error, Hcall, LabVm, Outcome};
+use scenario::{Error, Hcall, LabVm, Outcome, Sandbox};
 use tce_sidecar::client::model_vm::{GuestTable, ModelVm};
 use tce_sidecar::kernel::model::server::ModelClient;
 use tce_sidecar::kernel::model::HcallOutcome;
@@ -109,6 +109,30 @@ impl ModelLab {
 }
 
 impl LabVm for ModelLab {
+    /// The model's workers are real processes of this host: their confinement is checked too.
+    fn worker_sandbox(&self, worker_pid: Option<u32>) -> Option<Result<Sandbox, String>> {
+        let read = |pid: u32| -> Result<Sandbox, String> {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+            let number = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            Ok(Sandbox {
+                pid,
+                seccomp: number("Seccomp:"),
+                no_new_privs: number("NoNewPrivs:"),
+            })
+        };
+        Some(
+            worker_pid
+                .ok_or_else(|| "no worker_pid in the session's GET_STATUS entry".to_string())
+                .and_then(read),
+        )
+    }
+
     fn ram(&self) -> (MemRegion, BorrowedFd<'_>) {
         let ram = &self.vm().ram()[0];
         (ram.region, ram.memfd.as_fd())

@@ -13,6 +13,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+# The sidecar runs as nobody: it creates its socket in /tmp, and asks /dev/kvm what KVM supports
+# (root:kvm 0660, as a Debian host's udev leaves it; kvm is gid 36 here).
+chmod 1777 /tmp
+chgrp 36 /dev/kvm && chmod 0660 /dev/kvm
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 PORT=$(arg NESTED_PORT)
 BYTES=$(arg NESTED_BYTES)
@@ -49,6 +53,17 @@ DOWNLOAD_SECONDS=$((60 + BYTES / (16 * 1024)))
 
 uptime_s() { cut -d. -f1 /proc/uptime; }
 vmlck() { awk '/^VmLck:/ { print $2 }' /proc/$1/status; }
+# VmLck of the sidecar and of its workers (its children, one per session), in kB
+sidecar_vmlck() {
+    cat /proc/[0-9]*/status 2>/dev/null | awk -v p="$sc" '
+        /^Name:/ { pid = "" } /^Pid:/ { pid = $2 } /^PPid:/ { pp[pid] = $2 } /^VmLck:/ { l[pid] = $2 }
+        END { t = 0; for (i in l) if (i == p || pp[i] == p) t += l[i]; print t }'
+}
+# the pids of the sidecar's workers (its children, one per session)
+sidecar_workers() {
+    cat /proc/[0-9]*/status 2>/dev/null |
+        awk -v p="$sc" '/^Pid:/ { pid = $2 } /^PPid:/ { if ($2 == p) print pid }'
+}
 count() { grep -c -E "^($1)" /tmp/q.log; }
 status_field() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" /tmp/status.json | head -n1; }
 fail() { why="${why:+$why; }$*"; }
@@ -103,10 +118,15 @@ stop() {
 }
 
 # start_sidecar CASE: a fresh sidecar on /tmp/sc.sock; sets sc
+# It runs as nobody in group kvm, allowing root's QEMU. Its worker has no capability, so in
+# isolated mode the guest RAM and TCE tables it pins count against its locked-memory limit:
+# 512 MiB for L2's 256 MiB and the tables.
 start_sidecar() {
     echo "STEP case=$1 step=start-sidecar seconds=$SIDECAR_SECONDS"
     rm -f /tmp/sc.sock
-    /tce-sidecar --socket-path /tmp/sc.sock >>/tmp/sc.log 2>&1 &
+    # shellcheck disable=SC3045 # busybox sh has ulimit -l
+    (ulimit -l 524288 && exec /lab_frontend run-as 65534:36 \
+        /tce-sidecar --socket-path /tmp/sc.sock --allow-uid 0) >>/tmp/sc.log 2>&1 &
     sc=$!
     i=0
     while [ ! -S /tmp/sc.sock ]; do
@@ -181,6 +201,10 @@ end() {
 
 # verdict CASE DETAIL: the case's summary line
 verdict() {
+    # A worker killed by its seccomp filter leaves an audit record (the kernel logs it even
+    # without auditd); none may appear.
+    kills=$(dmesg | grep -c 'audit: type=1326')
+    [ "$kills" = 0 ] || fail "$kills seccomp kills in the kernel log"
     result=PASS
     [ -n "$why" ] && result=FAIL
     echo "NESTED mode=$1 result=$result $2${why:+ why=\"$why\"}"
@@ -195,7 +219,17 @@ run_transfer() {
     if begin $name $mode "$guest_args" && await $name download $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log; then
         /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
         lck_qemu=$(vmlck $qp)
-        lck_sidecar=$(vmlck $sc)
+        lck_sidecar=$(sidecar_vmlck)
+        sandboxed=0
+        for w in $(sidecar_workers); do
+            if grep -q '^Seccomp:[[:space:]]*2$' /proc/$w/status &&
+                grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/$w/status; then
+                sandboxed=$((sandboxed + 1))
+            else
+                fail "worker $w serves without its sandbox"
+            fi
+        done
+        [ "$sandboxed" -ge 1 ] || fail "no worker serves QEMU's session"
     fi
     end $name
     transfer=$(grep -m1 '^L2-TRANSFER name=first ' /tmp/l2.log | tr -d '\r')
@@ -226,7 +260,7 @@ run_transfer() {
         [ "${lck_sidecar:-0}" -ge 262144 ] || fail "sidecar VmLck ${lck_sidecar} kB < guest RAM"
         [ "${lck_qemu:-0}" -lt 262144 ] || fail "QEMU VmLck ${lck_qemu} kB holds guest RAM"
     fi
-    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none}"
+    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=${sandboxed:-0}"
 }
 
 # run_fault MODE: the sidecar is killed (SIGKILL) while the guest downloads.
@@ -240,7 +274,9 @@ run_fault() {
         return
     fi
     sleep 1
-    kill -9 $sc
+    # The whole sidecar crashes: the session's worker as well as the listener (a listener that
+    # dies alone makes its workers tear their sessions down in order).
+    kill -9 $(sidecar_workers) $sc
     wait $sc
     if [ $mode = accelerated ]; then
         # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar and

@@ -40,7 +40,7 @@ setup_out=$(bash tests/lab/setup.sh) || {
     echo "nested: setup failed" >&2
     exit 1
 }
-if grep -q '^SKIP:' <<<"$setup_out"; then
+if ! grep -q '^lab setup: ok$' <<<"$setup_out"; then
     echo "$setup_out"
     exit 0
 fi
@@ -62,11 +62,10 @@ done
     exit 1
 }
 
-echo "nested: cross-building tce-sidecar for $TARGET (static)"
+echo "nested: cross-building tce-sidecar for $TARGET (static, libseccomp static)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_LINKER=powerpc64le-linux-gnu-gcc
-export CARGO_TARGET_POWERPC64LE_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
-cargo build --quiet --release --target "$TARGET" --bin tce-sidecar
+bash tests/lab/ppc64-env.sh cargo build --quiet --release --target "$TARGET" --bin tce-sidecar \
+    --example lab_frontend
 BIN=$CARGO_TARGET_DIR/$TARGET/release
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tce-nested.XXXXXX")
@@ -82,7 +81,7 @@ trap cleanup EXIT
 # shellcheck source=tests/lab/boots.sh
 . tests/lab/boots.sh
 APPLETS="sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill poweroff
-    dmesg tail head ip wget date rm stat"
+    dmesg tail head ip wget date rm stat chmod chgrp"
 
 # --- L2: e1000e and a download ---------------------------------------------------------------
 R2=$WORK/l2
@@ -132,8 +131,10 @@ chmod +x "$R2/init"
 # --- L1: kvm-hv, vfio-pci, the sidecar, the patched QEMU -------------------------------------
 R1=$WORK/l1
 busybox_root "$R1" $APPLETS
-for m in kvm-hv vfio_iommu_spapr_tce vfio-pci; do copy_module "$R1" $m; done
+lab_modules "$R1"
 cp "$BIN/tce-sidecar" "$R1/tce-sidecar"
+# Only for `run-as`: L1's busybox cannot start the sidecar as another user.
+cp "$BIN/examples/lab_frontend" "$R1/lab_frontend"
 mkdir -p "$R1"/qemu/{bin,lib,share} "$R1/l2" "$R1/lib64"
 powerpc64le-linux-gnu-strip -o "$R1/qemu/bin/qemu-system-ppc64" "$QEMU_L1"
 cp /usr/share/qemu/vof.bin "$R1/qemu/share/"

@@ -9,6 +9,12 @@
 //! is handled as QEMU does: the front-end writes its view of the table and forwards a
 //! `TCE_UPDATE`. Then an orderly teardown, after which neither process may hold locked memory
 //! it did not hold before.
+//!
+//! The sidecar serves each session in a worker process of its own (`worker_pid` in the session's
+//! GET_STATUS entry; the daemon itself where the status has none): the sidecar's locked memory
+//! is the daemon's and the worker's, and in isolated mode the worker owns the container. Where the
+//! VM can look at the worker (`LabVm::worker_sandbox`), it must be confined by a seccomp filter
+//! with no_new_privs while it serves the session.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -91,6 +97,16 @@ pub fn workload() -> (Vec<Hcall>, Vec<(u64, u64)>) {
     (program, memory)
 }
 
+/// The confinement of a process, as its `/proc/PID/status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    pub pid: u32,
+    /// `Seccomp:` (2: a filter), absent when the kernel does not show it.
+    pub seccomp: Option<u32>,
+    /// `NoNewPrivs:` (1: set).
+    pub no_new_privs: Option<u32>,
+}
+
 /// What a front-end needs of its VM, on the real kernel or on the model.
 pub trait LabVm {
     /// The guest RAM region (mapped in this process) and its memfd.
@@ -131,6 +147,13 @@ pub trait LabVm {
     fn close_objects(&mut self) -> Result<(), Error>;
     /// Whether the group can be opened again and attached to a new container, then released.
     fn group_reattachable(&mut self) -> Result<(), Error>;
+    /// The confinement of the worker serving the session (`worker_pid` from its status entry,
+    /// `None` when the entry has none), asked once the session has done its work: `None` when
+    /// this VM does not check it, `Some(Err)` when it cannot.
+    fn worker_sandbox(&self, worker_pid: Option<u32>) -> Option<Result<Sandbox, String>> {
+        let _ = worker_pid;
+        None
+    }
 }
 
 /// What one session did and saw.
@@ -152,6 +175,15 @@ pub struct Outcome {
     pub reattached: bool,
     /// Wall time of the guest's workload, exits and their forwarding included.
     pub workload: Duration,
+    /// The part of it spent handling exits: the front-end's table writes and the TCE_UPDATE
+    /// round trips (the sidecar's MAP_DMA and UNMAP_DMA in isolated mode).
+    pub forwarding: Duration,
+    /// The worker that served the session, from the status (`None`: the daemon itself).
+    pub worker_pid: Option<u32>,
+    /// The worker's confinement while it served the session (`None`: not checked on this VM).
+    pub sandbox: Option<Result<Sandbox, String>>,
+    /// Failures the front-end found after the session (e.g. how its worker ended).
+    pub later_failures: Vec<String>,
 }
 
 impl Outcome {
@@ -230,6 +262,20 @@ impl Outcome {
             );
         }
         expect(self.reattached, "group not re-attachable".into());
+        match &self.sandbox {
+            None => {}
+            Some(Err(e)) => expect(false, format!("worker sandbox: {e}")),
+            Some(Ok(s)) => expect(
+                s.seccomp == Some(2) && s.no_new_privs == Some(1),
+                format!(
+                    "worker pid {} has Seccomp {} and NoNewPrivs {}, not 2 and 1",
+                    s.pid,
+                    s.seccomp.map_or("(none)".into(), |v| v.to_string()),
+                    s.no_new_privs.map_or("(none)".into(), |v| v.to_string())
+                ),
+            ),
+        }
+        f.extend(self.later_failures.iter().cloned());
         f
     }
 }
@@ -253,8 +299,17 @@ pub fn summary(machine: &str, mode: OwnershipMode, outcome: &Result<Outcome, Str
                 }
                 None => String::new(),
             };
+            let worker = match &o.sandbox {
+                Some(Ok(s)) => format!(
+                    " worker_pid={} seccomp={} no_new_privs={}",
+                    s.pid,
+                    s.seccomp.map_or("none".into(), |v| v.to_string()),
+                    s.no_new_privs.map_or("none".into(), |v| v.to_string())
+                ),
+                _ => String::new(),
+            };
             format!(
-                "LAB machine={machine} mode={name} result={} in_kernel={} exits={} maps={} unmaps={} forwarded={} hypercalls={}{refusals} reattached={} workload_us={}{}",
+                "LAB machine={machine} mode={name} result={} in_kernel={} exits={} maps={} unmaps={} forwarded={} hypercalls={}{refusals} reattached={}{worker} workload_us={} forwarding_us={}{}",
                 if failures.is_empty() { "PASS" } else { "FAIL" },
                 o.in_kernel,
                 o.exits,
@@ -264,6 +319,7 @@ pub fn summary(machine: &str, mode: OwnershipMode, outcome: &Result<Outcome, Str
                 o.hypercalls,
                 o.reattached,
                 o.workload.as_micros(),
+                o.forwarding.as_micros(),
                 if failures.is_empty() { String::new() } else { format!(" why=\"{}\"", failures.join("; ")) },
             )
         }
@@ -307,14 +363,21 @@ fn handle_exit<V: LabVm>(vm: &V, client: &mut Client, h: &Hcall) -> Result<i64, 
     Ok(body.h_status)
 }
 
-fn counters(client: &mut Client) -> Result<serde_json::Value, Error> {
+/// This process's session in the sidecar's status (GET_STATUS).
+fn own_session(client: &mut Client) -> Result<serde_json::Value, Error> {
     let status: serde_json::Value = serde_json::from_slice(&client.status()?)?;
     let me = std::process::id();
     status["sessions"]
         .as_array()
         .and_then(|s| s.iter().find(|s| s["peer_pid"] == me))
-        .map(|s| s["counters"].clone())
+        .cloned()
         .ok_or_else(|| "no session of this process in the sidecar's status".into())
+}
+
+fn worker_pid(session: &serde_json::Value) -> Option<u32> {
+    session["worker_pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
 }
 
 /// Waits up to 5 s for `check` to hold (the sidecar ends a session on its own thread).
@@ -340,14 +403,19 @@ pub fn run_session<V: LabVm>(
     mode: OwnershipMode,
 ) -> Result<Outcome, Error> {
     let me = std::process::id();
+    let front_end_start = vm.locked_bytes(me)?;
+    let mut client = Client::connect(socket, mode, 0, vm.kernel()?, Some(vm.kvm_vfio_device()?))?;
+    let worker = worker_pid(&own_session(&mut client)?).filter(|w| *w != sidecar_pid);
+    // The sidecar's locked memory: the daemon's and its worker's (none once the worker is gone).
     let locked = |vm: &V| -> Result<(u64, u64), Error> {
-        Ok((vm.locked_bytes(me)?, vm.locked_bytes(sidecar_pid)?))
+        let worker = worker.map_or(0, |w| vm.locked_bytes(w).unwrap_or(0));
+        Ok((vm.locked_bytes(me)?, vm.locked_bytes(sidecar_pid)? + worker))
     };
     let mut o = Outcome {
-        locked_start: locked(vm)?,
+        locked_start: (front_end_start, locked(vm)?.1),
+        worker_pid: worker,
         ..Outcome::default()
     };
-    let mut client = Client::connect(socket, mode, 0, vm.kernel()?, Some(vm.kvm_vfio_device()?))?;
     let (region, memfd) = vm.ram();
     client.add_region(region, memfd)?;
     let group = GroupDesc {
@@ -374,7 +442,7 @@ pub fn run_session<V: LabVm>(
     o.locked_during = locked(vm)?;
     let owner = match mode {
         OwnershipMode::Accelerated => me,
-        OwnershipMode::Isolated => sidecar_pid,
+        OwnershipMode::Isolated => worker.unwrap_or(sidecar_pid),
     };
     o.refusals = vm.refusals(owner)?;
 
@@ -386,7 +454,9 @@ pub fn run_session<V: LabVm>(
     let started = Instant::now();
     while let Some(h) = vm.run()? {
         o.exits += 1;
+        let handling = Instant::now();
         let ret = handle_exit(vm, &mut client, &h)?;
+        o.forwarding += handling.elapsed();
         vm.complete(ret);
     }
     o.workload = started.elapsed();
@@ -402,11 +472,13 @@ pub fn run_session<V: LabVm>(
     } else {
         Some((results.len(), i64::MIN))
     };
-    let c = counters(&mut client)?;
-    let counter = |name: &str| c[name].as_u64().unwrap_or_default();
+    let session = own_session(&mut client)?;
+    let counter = |name: &str| session["counters"][name].as_u64().unwrap_or_default();
     o.forwarded = counter("updates_forwarded");
     o.maps = counter("maps");
     o.unmaps = counter("unmaps");
+    // The worker has done the session's work and still serves it.
+    o.sandbox = vm.worker_sandbox(worker_pid(&session));
 
     // Orderly teardown, as QEMU does at machine exit.
     client.remove_window(0)?;
