@@ -13,10 +13,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
-# The sidecar runs as nobody: it creates its socket in /tmp, and asks /dev/kvm what KVM supports
-# (root:kvm 0660, as a Debian host's udev leaves it; kvm is gid 36 here).
+# The sidecar runs as nobody: it creates its socket here.
 chmod 1777 /tmp
-chgrp 36 /dev/kvm && chmod 0660 /dev/kvm
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 PORT=$(arg NESTED_PORT)
 BYTES=$(arg NESTED_BYTES)
@@ -24,6 +22,9 @@ CASES=$(arg NESTED_CASES | tr , ' ')
 echo "L1: kernel $(cat /proc/sys/kernel/osrelease)"
 echo "STEP case=host step=load-modules seconds=120"
 for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L1: insmod $m failed"; done
+# The sidecar (nobody, group kvm) asks /dev/kvm what KVM supports: root:kvm 0660, as a Debian
+# host's udev leaves it (kvm is gid 36 here).
+chgrp 36 /dev/kvm && chmod 0660 /dev/kvm
 echo "STEP case=host step=bind-vfio-pci seconds=60"
 dev=""
 for d in /sys/bus/pci/devices/*; do
