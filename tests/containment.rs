@@ -442,3 +442,29 @@ fn a_system_call_outside_the_list_kills_the_worker_and_only_it() {
     assert!(sidecar.log().contains("signal=SIGSYS"));
     bystander.answers();
 }
+
+/// A worker that does not answer (stopped here) is left out of status replies, which still
+/// come: the listener waits for all workers at once, within the asking worker's own deadline.
+#[test]
+fn a_stuck_worker_is_left_out_of_status_and_delays_no_other_session() {
+    let sidecar = Sidecar::start("stuck", &[]);
+    let mut asker = FrontEnd::set_up(&sidecar, OwnershipMode::Accelerated, 1);
+    let stuck = FrontEnd::set_up(&sidecar, OwnershipMode::Isolated, 2);
+    let stuck_worker = worker_pid(stuck.stream());
+    let pid = Pid::from_raw(stuck_worker as i32).unwrap();
+    kill_process(pid, Signal::STOP).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_slice(&asker.client.status().expect("GET_STATUS answers")).unwrap();
+    let listed: Vec<u64> = status["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["worker_pid"].as_u64())
+        .collect();
+    assert!(!listed.contains(&u64::from(stuck_worker)), "{status}");
+    assert_eq!(status["daemon"]["sessions"], 2, "{status}");
+    asker.answers();
+    kill_process(pid, Signal::CONT).unwrap();
+    let mut stuck = stuck;
+    stuck.answers();
+}

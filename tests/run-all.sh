@@ -144,10 +144,10 @@ step "test suite (cargo test)" cargo test --all-targets
 step "powerpc64le type check (cargo check --target powerpc64le-unknown-linux-gnu)" \
     bash tests/setup/ppc64le-target.sh
 step "demo (cargo run --example demo)" demo
-step "setup: lab packages, the ppc64el kernel and busybox (tests/lab/setup.sh)" bash tests/lab/setup.sh
+step "setup: lab packages, the ppc64el kernels (6.12, newest Debian), busybox, libseccomp.a (tests/lab/setup.sh)" bash tests/lab/setup.sh
 # The QEMU series check is mostly a parallel build; beside it run the single-threaded emulators of
 # the real-kernel lab and the fuzz targets' tool installs (downloads, then a build).
-beside "real-kernel lab (Linux ppc64le under QEMU TCG: powernv9, powernv10, pseries nested HV and PAPR)" \
+beside "real-kernel lab (two Linux ppc64le kernels under QEMU TCG: powernv9, powernv10, pseries nested HV and PAPR)" \
     bash tests/lab/run.sh
 beside "fuzz targets' tools and build (nightly Rust, cargo-fuzz, cargo fuzz build)" fuzz_build
 step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, ppc64 qtests, smoke)" \

@@ -108,18 +108,23 @@ impl Channel {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    /// Sends `message` and waits, until [`ANSWER_DEADLINE`], for the answer with its `seq`
-    /// (late answers to earlier questions are dropped). One asker per channel at a time.
+    /// Sends `message` and waits, until [`ANSWER_DEADLINE`], for the answer with its `seq`.
+    /// One asker per channel at a time.
     pub fn ask(&self, message: &Message) -> io::Result<Message> {
-        let deadline = Instant::now() + ANSWER_DEADLINE;
         self.send(message)?;
+        self.answer(message.seq(), Instant::now() + ANSWER_DEADLINE)
+    }
+
+    /// The answer to the question numbered `seq`, if it comes before `deadline`; late answers
+    /// to earlier questions are dropped.
+    pub fn answer(&self, seq: u64, deadline: Instant) -> io::Result<Message> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"));
             }
             match self.recv(Some(left))? {
-                Some(answer) if answer.seq() == message.seq() => return Ok(answer),
+                Some(answer) if answer.seq() == seq => return Ok(answer),
                 Some(_) => continue,
                 None => {
                     return Err(io::Error::new(

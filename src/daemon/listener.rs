@@ -30,6 +30,9 @@ use crate::protocol::{
     encode_reply, recv_frame, send_frame, Reply, MAX_PAYLOAD, MAX_TEXT, VERSION,
 };
 
+/// How long a status reply waits for the workers' answers (less than the asking worker waits
+/// for the reply: [`control::ANSWER_DEADLINE`]).
+const GATHER_DEADLINE: Duration = Duration::from_secs(1);
 /// How long shutdown waits for workers to tear their sessions down before killing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Connections being refused at once (each gets a thread that answers one request).
@@ -114,8 +117,11 @@ impl Daemon {
         let mut used = 0;
         let mut sessions = Vec::new();
         let mut next_session = None;
-        for (index, worker) in workers.iter().enumerate().skip(first as usize) {
-            let Some(session) = self.snapshot(worker) else {
+        let listed = workers.get(first as usize..).unwrap_or_default();
+        let snapshots = self.snapshots(listed);
+        for (index, snapshot) in snapshots.into_iter().enumerate() {
+            let index = index + first as usize;
+            let Some(session) = snapshot else {
                 continue;
             };
             let size = serde_json::to_vec(&session).map_or(0, |v| v.len()) + 1;
@@ -135,16 +141,35 @@ impl Daemon {
         .unwrap_or_default()
     }
 
-    fn snapshot(&self, worker: &Worker) -> Option<serde_json::Value> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        match locked(&worker.query).ask(&Message::Query { seq }) {
-            Ok(Message::Snapshot { session, .. }) => Some(session),
-            Ok(_) => None,
-            Err(err) => {
-                warn!(worker = worker.pid, %err, "a worker did not describe its session");
-                None
-            }
-        }
+    /// Every worker's session, asked of all at once and collected until one deadline, so a
+    /// worker that does not answer delays a status reply by [`GATHER_DEADLINE`] at most, and a
+    /// reply reaches the asking worker within its own deadline. `None` for a worker that did
+    /// not answer.
+    fn snapshots(&self, workers: &[Arc<Worker>]) -> Vec<Option<serde_json::Value>> {
+        let deadline = Instant::now() + GATHER_DEADLINE;
+        // Every gatherer locks in the map's order, so two never wait on each other.
+        let channels: Vec<MutexGuard<'_, Channel>> =
+            workers.iter().map(|w| locked(&w.query)).collect();
+        let asked: Vec<Option<u64>> = channels
+            .iter()
+            .map(|channel| {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                channel.send(&Message::Query { seq }).ok().map(|()| seq)
+            })
+            .collect();
+        let answers = channels.iter().zip(asked).zip(workers);
+        answers
+            .map(
+                |((channel, seq), worker)| match channel.answer(seq?, deadline) {
+                    Ok(Message::Snapshot { session, .. }) => Some(session),
+                    Ok(_) => None,
+                    Err(err) => {
+                        warn!(worker = worker.pid, %err, "a worker did not describe its session");
+                        None
+                    }
+                },
+            )
+            .collect()
     }
 
     fn record_death(&self, how: String) {
