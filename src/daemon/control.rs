@@ -2,7 +2,9 @@
 //! packet, JSON. Each has one asking side, so no reader ever sees an answer meant for another:
 //!
 //! - **query** (the listener asks): `Query` → `Snapshot`, the worker's session as GET_STATUS
-//!   shows it. A thread of the worker answers while its main thread serves the session.
+//!   shows it. A thread of the worker answers while its main thread serves the session; a thread
+//!   of the listener hands each answer to whoever asked, by `seq`, so any number of status
+//!   requests may ask at once.
 //! - **status** (the worker asks): `StatusRequest` → `StatusReply`, the whole daemon's GET_STATUS
 //!   body, which only the listener can gather. Its end of the worker's status socket also tells
 //!   the listener when the worker has gone (end of stream).
@@ -106,6 +108,13 @@ impl Channel {
         serde_json::from_slice(&buf[..len])
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// A second handle on this end (one thread reads while others send).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            socket: self.socket.try_clone()?,
+        })
     }
 
     /// Sends `message` and waits, until [`ANSWER_DEADLINE`], for the answer with its `seq`.

@@ -5,7 +5,7 @@
 //! One supervising thread per worker waits on the worker's status channel: it answers the
 //! worker's GET_STATUS requests and, at end of stream, reaps the worker and logs how it ended.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,7 +13,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
@@ -51,8 +51,22 @@ pub struct WorkerCommand {
 /// A live worker, as the listener knows it.
 struct Worker {
     pid: u32,
-    /// Asked for the session's status; one question at a time.
-    query: Mutex<Channel>,
+    /// Where the listener asks for the session's status: one packet per question, so any number
+    /// of askers may send at once.
+    query: Channel,
+    /// The askers waiting for an answer, by question; [`read_answers`] hands each its own.
+    waiting: Mutex<HashMap<u64, mpsc::Sender<serde_json::Value>>>,
+}
+
+/// Hands each of a worker's answers to the asker waiting for it, until the worker is gone.
+fn read_answers(worker: Arc<Worker>, answers: Channel) {
+    while let Ok(Some(message)) = answers.recv(None) {
+        if let Message::Snapshot { seq, session } = message {
+            if let Some(asker) = locked(&worker.waiting).remove(&seq) {
+                let _ = asker.send(session);
+            }
+        }
+    }
 }
 
 /// The listener's state.
@@ -147,28 +161,34 @@ impl Daemon {
     /// not answer.
     fn snapshots(&self, workers: &[Arc<Worker>]) -> Vec<Option<serde_json::Value>> {
         let deadline = Instant::now() + GATHER_DEADLINE;
-        // Every gatherer locks in the map's order, so two never wait on each other.
-        let channels: Vec<MutexGuard<'_, Channel>> =
-            workers.iter().map(|w| locked(&w.query)).collect();
-        let asked: Vec<Option<u64>> = channels
+        let asked: Vec<Option<(u64, mpsc::Receiver<serde_json::Value>)>> = workers
             .iter()
-            .map(|channel| {
+            .map(|worker| {
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                channel.send(&Message::Query { seq }).ok().map(|()| seq)
+                let (answer, answered) = mpsc::channel();
+                locked(&worker.waiting).insert(seq, answer);
+                if worker.query.send(&Message::Query { seq }).is_err() {
+                    locked(&worker.waiting).remove(&seq);
+                    return None;
+                }
+                Some((seq, answered))
             })
             .collect();
-        let answers = channels.iter().zip(asked).zip(workers);
-        answers
-            .map(
-                |((channel, seq), worker)| match channel.answer(seq?, deadline) {
-                    Ok(Message::Snapshot { session, .. }) => Some(session),
-                    Ok(_) => None,
-                    Err(err) => {
-                        warn!(worker = worker.pid, %err, "a worker did not describe its session");
+        asked
+            .into_iter()
+            .zip(workers)
+            .map(|(asked, worker)| {
+                let (seq, answered) = asked?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match answered.recv_timeout(left) {
+                    Ok(session) => Some(session),
+                    Err(_) => {
+                        locked(&worker.waiting).remove(&seq);
+                        warn!(worker = worker.pid, "a worker did not describe its session in time");
                         None
                     }
-                },
-            )
+                }
+            })
             .collect()
     }
 
@@ -248,12 +268,30 @@ fn accept(daemon: &Arc<Daemon>, stream: UnixStream, allowed: &[u32]) {
             return;
         }
     };
+    let answers = match query.try_clone() {
+        Ok(answers) => answers,
+        Err(err) => {
+            error!(session = id, %err, "cannot read the worker's answers; stopping it");
+            stop(child.id(), Signal::KILL);
+            return;
+        }
+    };
     let worker = Arc::new(Worker {
         pid: child.id(),
-        query: Mutex::new(query),
+        query,
+        waiting: Mutex::new(HashMap::new()),
     });
     workers.insert(id, Arc::clone(&worker));
     drop(workers);
+    let reading = Arc::clone(&worker);
+    let reader = std::thread::Builder::new()
+        .name(format!("answers-{id}"))
+        .spawn(move || read_answers(reading, answers));
+    if let Err(err) = reader {
+        // Its status would never be read; the supervisor still reaps it.
+        error!(session = id, %err, "cannot read the worker's answers; stopping it");
+        stop(worker.pid, Signal::KILL);
+    }
     info!(
         session = id,
         worker = worker.pid,
