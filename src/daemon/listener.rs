@@ -184,7 +184,10 @@ impl Daemon {
                     Ok(session) => Some(session),
                     Err(_) => {
                         locked(&worker.waiting).remove(&seq);
-                        warn!(worker = worker.pid, "a worker did not describe its session in time");
+                        warn!(
+                            worker = worker.pid,
+                            "a worker did not describe its session in time"
+                        );
                         None
                     }
                 }
