@@ -1,7 +1,7 @@
 //! Message types: requests, replies, owner operations and their results, as plain data.
 //!
 //! Every type here mirrors one payload table of the specification. Byte layout lives in
-//! `codec.rs`; these types only say what a message means.
+//! `codec/`; these types only say what a message means.
 
 use std::fmt;
 use std::os::fd::OwnedFd;
