@@ -10,7 +10,9 @@ use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use common::{listener_fds, open_fds, sessions, wait_until, worker_pid, Sidecar, IO_TIMEOUT};
+use common::{
+    listener_fds, model_front_end, open_fds, sessions, wait_until, worker_pid, Sidecar, IO_TIMEOUT,
+};
 use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
 use rustix::io::Errno;
 use rustix::process::{kill_process, Pid, Signal};
@@ -37,27 +39,7 @@ struct FrontEnd {
 
 impl FrontEnd {
     fn set_up(sidecar: &Sidecar, mode: OwnershipMode, iommu_group: u32) -> Self {
-        let mut vm = ModelVm::create(&sidecar.model_socket).expect("a VM on the model");
-        vm.add_ram(0, 0, RAM).expect("guest RAM");
-        let kernel = vm.kernel().expect("a kernel backend");
-        let mut client = Client::connect(
-            &sidecar.socket,
-            mode,
-            0,
-            Box::new(kernel),
-            Some(vm.kvm_vfio_device().unwrap()),
-        )
-        .expect("connect and negotiate");
-        client.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let ram = &vm.ram()[0];
-        client.add_region(ram.region, ram.memfd.as_fd()).unwrap();
-        let group = vm.open_group(iommu_group).unwrap();
-        let desc = GroupDesc {
-            group_id: 1,
-            container_id: CONTAINER,
-            iommu_group,
-        };
-        client.add_group(desc, group).expect("GROUP_ADD");
+        let (vm, client) = model_front_end(sidecar, mode, iommu_group, RAM);
         Self { vm, client }
     }
 

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{registered_left_at_end, sessions, wait_until, Sidecar, IO_TIMEOUT};
+use common::{model_front_end, registered_left_at_end, sessions, wait_until, Sidecar, IO_TIMEOUT};
 use tce_sidecar::client::model_vm::{GuestTable, ModelVm};
 use tce_sidecar::client::Client;
 use tce_sidecar::kernel::model::{HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE};
@@ -24,7 +24,6 @@ const RAM: u64 = 1 << 20;
 const ENTRIES: u64 = 64;
 const PAGE_SHIFT: u32 = 12;
 const CONTAINER: u32 = 0;
-const GROUP_ID: u32 = 1;
 const TABLE_ID: u32 = 1;
 const RW: u64 = TCE_PCI_READ | TCE_PCI_WRITE;
 
@@ -39,33 +38,7 @@ struct FrontEnd {
 
 impl FrontEnd {
     fn set_up(sidecar: &Sidecar, mode: OwnershipMode, iommu_group: u32) -> Self {
-        let mut vm = ModelVm::create(&sidecar.model_socket).expect("create a VM on the model");
-        vm.add_ram(0, 0, RAM).expect("guest RAM");
-        let kernel = vm.kernel().expect("a kernel backend");
-        let mut client = Client::connect(
-            &sidecar.socket,
-            mode,
-            0,
-            Box::new(kernel),
-            Some(vm.kvm_vfio_device().unwrap()),
-        )
-        .expect("connect and negotiate");
-        client.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let ram = &vm.ram()[0];
-        client
-            .add_region(ram.region, ram.memfd.as_fd())
-            .expect("MEM_ADD");
-        let group = vm.open_group(iommu_group).expect("open the VFIO group");
-        client
-            .add_group(
-                GroupDesc {
-                    group_id: GROUP_ID,
-                    container_id: CONTAINER,
-                    iommu_group,
-                },
-                group,
-            )
-            .expect("GROUP_ADD");
+        let (vm, mut client) = model_front_end(sidecar, mode, iommu_group, RAM);
         let liobn = 0x8000_0000 | u64::from(iommu_group);
         let table = match mode {
             OwnershipMode::Accelerated => vm.kvm_table(liobn, PAGE_SHIFT, 0, ENTRIES),

@@ -471,3 +471,43 @@ pub fn open_fds(pid: u32) -> usize {
         .expect("the process lives")
         .count()
 }
+
+/// A VM on the daemon's model kernel with `ram` bytes of guest RAM and VFIO group `iommu_group`,
+/// and its session in `mode`, set up as QEMU does: negotiated, RAM added, the group added as
+/// group 1 of container 0. Replies are read with [`IO_TIMEOUT`].
+pub fn model_front_end(
+    sidecar: &Sidecar,
+    mode: tce_sidecar::kernel::OwnershipMode,
+    iommu_group: u32,
+    ram: u64,
+) -> (
+    tce_sidecar::client::model_vm::ModelVm,
+    tce_sidecar::client::Client,
+) {
+    use std::os::fd::AsFd;
+    let mut vm = tce_sidecar::client::model_vm::ModelVm::create(&sidecar.model_socket)
+        .expect("create a VM on the model");
+    vm.add_ram(0, 0, ram).expect("guest RAM");
+    let kernel = vm.kernel().expect("a kernel backend");
+    let mut client = tce_sidecar::client::Client::connect(
+        &sidecar.socket,
+        mode,
+        0,
+        Box::new(kernel),
+        Some(vm.kvm_vfio_device().unwrap()),
+    )
+    .expect("connect and negotiate");
+    client.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let ram = &vm.ram()[0];
+    client
+        .add_region(ram.region, ram.memfd.as_fd())
+        .expect("MEM_ADD");
+    let group = vm.open_group(iommu_group).expect("open the VFIO group");
+    let desc = tce_sidecar::protocol::GroupDesc {
+        group_id: 1,
+        container_id: 0,
+        iommu_group,
+    };
+    client.add_group(desc, group).expect("GROUP_ADD");
+    (vm, client)
+}
