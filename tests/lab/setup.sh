@@ -269,27 +269,27 @@ elif [ "${KREL%%[+-]*}" != "$first_version" ]; then
     kernels+=("$KDIR|$KREL|$KVMLINUX")
 fi
 
+# extract_once PACKAGE VERSION DIR: the ppc64el package's files under DIR, downloaded and
+# extracted once per version
+extract_once() {
+    [ -f "$3/.done" ] && return 0
+    log "downloading $1 $2"
+    local deb
+    deb=$(fetch "$A" "$1" "$2") || skip "ppc64el $1 $2" "apt-get download failed: $(last_err)"
+    rm -rf "$3" && mkdir -p "$3"
+    dpkg-deb -x "$deb" "$3"
+    touch "$3/.done"
+}
+
 busybox_version=$(version_of "$A" busybox-static/bookworm)
 [ -n "$busybox_version" ] || skip "ppc64el busybox-static" "not in the package lists"
 bdir=$CACHE/busybox-$busybox_version
-if [ ! -f "$bdir/.done" ]; then
-    log "downloading busybox-static $busybox_version"
-    deb=$(fetch "$A" busybox-static "$busybox_version") || skip "ppc64el busybox-static $busybox_version" "apt-get download failed: $(last_err)"
-    rm -rf "$bdir" && mkdir -p "$bdir"
-    dpkg-deb -x "$deb" "$bdir"
-    touch "$bdir/.done"
-fi
+extract_once busybox-static "$busybox_version" "$bdir"
 
 seccomp_version=$(version_of "$A" "libseccomp-dev/$TOOLCHAIN_SUITE")
 [ -n "$seccomp_version" ] || skip "ppc64el libseccomp-dev ($TOOLCHAIN_SUITE)" "not in the package lists"
 sdir=$CACHE/libseccomp-$seccomp_version
-if [ ! -f "$sdir/.done" ]; then
-    log "downloading libseccomp-dev $seccomp_version"
-    deb=$(fetch "$A" libseccomp-dev "$seccomp_version") || skip "ppc64el libseccomp-dev $seccomp_version" "apt-get download failed: $(last_err)"
-    rm -rf "$sdir" && mkdir -p "$sdir"
-    dpkg-deb -x "$deb" "$sdir"
-    touch "$sdir/.done"
-fi
+extract_once libseccomp-dev "$seccomp_version" "$sdir"
 seccomp_a=$(find "$sdir" -name libseccomp.a | head -n 1)
 [ -n "$seccomp_a" ] || {
     echo "lab setup: no libseccomp.a in $sdir" >&2
