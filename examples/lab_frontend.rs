@@ -888,6 +888,41 @@ fn run(args: &[String]) -> Result<bool, Error> {
     Ok(pass)
 }
 
+/// `qmp SOCKET COMMAND`: runs one QMP command without arguments on QEMU's monitor and prints
+/// `QMP ms=N REPLY`, N the milliseconds from sending the command to its reply; for the nested
+/// lab's L1, which has no QMP client. Every read has a 10 s deadline.
+fn qmp(args: &[String]) -> Result<(), Error> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let [socket, command] = args else {
+        return Err("qmp SOCKET COMMAND".into());
+    };
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    // Events may come before a reply; the reply is the first line with "return" or "error".
+    let mut reply = || -> Result<String, Error> {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err("QEMU closed the monitor".into());
+            }
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return Ok(line.trim_end().to_string());
+            }
+        }
+    };
+    // The greeting has neither, so the first reply read is that of qmp_capabilities.
+    writeln!(writer, "{{\"execute\": \"qmp_capabilities\"}}")?;
+    reply()?;
+    let start = Instant::now();
+    writeln!(writer, "{{\"execute\": \"{command}\"}}")?;
+    let answer = reply()?;
+    println!("QMP ms={} {answer}", start.elapsed().as_millis());
+    Ok(())
+}
+
 /// `run-as UID:GID PROGRAM [ARG]...`: executes PROGRAM as that user, without supplementary
 /// groups; for the nested lab's L1, whose busybox cannot change users.
 fn run_as(args: &[String]) -> Result<(), Error> {
@@ -915,7 +950,8 @@ fn main() {
         })(),
         Some("seccomp-probe") => seccomp_probe().map(|()| true),
         Some("run-as") => run_as(&args[2..]).map(|()| true),
-        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated] [--sidecar-user UID:GID] | check-refusals --vm-pid PID --container-pid PID | seccomp-probe | run-as UID:GID PROGRAM [ARG]...".into()),
+        Some("qmp") => qmp(&args[2..]).map(|()| true),
+        _ => Err("usage: lab_frontend run --machine NAME --group /dev/vfio/N --sidecar PATH [--mode accelerated|isolated] [--sidecar-user UID:GID] | check-refusals --vm-pid PID --container-pid PID | seccomp-probe | run-as UID:GID PROGRAM [ARG]... | qmp SOCKET COMMAND".into()),
     };
     match result {
         Ok(true) => {}

@@ -50,6 +50,7 @@ L2_BOOT_SECONDS_ISOLATED=900
 NETWORK_SECONDS=120
 STOP_SECONDS=60
 RECONNECT_SECONDS=120
+STOPPED_SECONDS=60
 DOWNLOAD_SECONDS=$((60 + BYTES / (16 * 1024)))
 
 uptime_s() { cut -d. -f1 /proc/uptime; }
@@ -153,6 +154,7 @@ start_qemu() {
         -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$1,reconnect-attempts=$RECONNECT_SECONDS \
         -global spapr-pci-host-bridge.dma_win_size=0x8000000 \
         -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
+        -qmp unix:/tmp/qmp.sock,server=on,wait=off \
         -kernel /l2/vmlinux -initrd /l2/initrd.gz \
         -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $2" \
         -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 \
@@ -264,63 +266,116 @@ run_transfer() {
     verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=${sandboxed:-0}"
 }
 
-# run_fault MODE: the sidecar is killed (SIGKILL) while the guest downloads.
+# qmp_status: query-status on L1's QEMU; sets qmp_ms (the round trip) and vm_status
+qmp_status() {
+    reply=$(/lab_frontend qmp /tmp/qmp.sock query-status 2>&1)
+    qmp_ms=$(echo "$reply" | sed -n 's/^QMP ms=\([0-9]*\) .*/\1/p')
+    vm_status=$(echo "$reply" | sed -n 's/.*"status": "\([a-z-]*\)".*/\1/p')
+    [ -n "$qmp_ms" ] || { fail "query-status: $reply"; qmp_ms=99999; }
+}
+
+# run_fault MODE FAULT: while the guest downloads, the sidecar is killed (SIGKILL, FAULT kill;
+# a new one is started) or stopped (SIGSTOP, FAULT stop; then SIGCONT). QEMU stops the VM
+# (the session ended, or a TCE update missed its deadline) and keeps answering QMP. Accelerated,
+# killed: a new session adopts what the kernel kept, the VM runs again, the download completes.
+# Isolated, stopped: the session stalls until the late reply comes, then goes on, and the
+# download completes. Isolated, killed: the kernel keeps the group in the dead worker's container
+# while QEMU holds the device, so QEMU holds the VM stopped and says why.
 run_fault() {
     mode=$1
-    name=$mode-kill
-    if ! begin $name $mode "disable_ddw NESTED_FAULT=kill" ||
+    fault=$2
+    name=$mode-$fault
+    slowest=0
+    if ! begin $name $mode "disable_ddw NESTED_FAULT=$fault" ||
         ! await $name start-download $NETWORK_SECONDS '^L2-FAULT-START' /tmp/l2.log; then
         end $name
         verdict $name "bytes_during_fault=0"
         return
     fi
     sleep 1
-    # The whole sidecar crashes: the session's worker as well as the listener (a listener that
-    # dies alone makes its workers tear their sessions down in order).
-    kill -9 $(sidecar_workers) $sc
-    wait $sc
-    if [ $mode = accelerated ]; then
-        # KVM keeps the association: the download goes on; QEMU reconnects to a new sidecar and
-        # describes its devices to it (GROUP_ADOPT, WINDOW_ADOPT).
-        sleep 2
-        if start_sidecar $name &&
-            await $name download-across-fault $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log &&
-            await $name reconnect $RECONNECT_SECONDS 'the new session knows the' /tmp/q.log; then
-            /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
-        fi
-        end $name
-        got=$(transfer_bytes during-fault)
-        [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes across the fault"
-        grep -q 'lost the connection to the tce-sidecar' /tmp/q.log ||
-            fail "QEMU did not report the disconnect"
-        grep -q 'reconnected to the tce-sidecar' /tmp/q.log || fail "QEMU did not reconnect"
-        grep -q '"mode": "accelerated"' /tmp/status.json || fail "no accelerated session in the new sidecar"
-        groups=$(grep -c '"iommu_group"' /tmp/status.json)
-        windows=$(grep -c '"has_window": true' /tmp/status.json)
-        [ "$groups" -ge 1 ] && [ "$windows" -ge 1 ] ||
-            fail "the new session knows $groups groups and $windows windows"
-        detail="bytes_during_fault=${got:-0} reconnected=$(grep -q 'reconnected to the tce-sidecar' /tmp/q.log && echo yes || echo no) groups_in_new_session=$groups windows_in_new_session=$windows"
+    workers=$(sidecar_workers)
+    if [ $fault = kill ]; then
+        # The whole sidecar crashes: the session's worker as well as the listener.
+        kill -9 $workers $sc
+        wait $sc
     else
-        # The container died with its owner: QEMU must stop the guest by itself.
-        await_exit $name qemu-stops-itself $qp "QEMU still runs after its containers' owner died"
-        grep -q 'owned the VFIO containers of this VM in isolated mode and is gone' /tmp/q.log ||
-            fail "QEMU did not say why it stopped"
-        got=$(transfer_bytes during-fault)
-        detail="qemu_stopped_after_s=$waited bytes_during_fault=${got:-0}"
+        kill -STOP $sc $workers
     fi
-    verdict $name "$detail"
+    # Until QEMU stops the VM (at once for a crash; for a stopped sidecar when a vCPU's TCE
+    # update misses its 5 s deadline, which it waits for without the BQL) and after, QMP answers.
+    echo "STEP case=$name step=vm-stopped seconds=$STOPPED_SECONDS"
+    t0=$(uptime_s)
+    while :; do
+        qmp_status
+        [ "$qmp_ms" -gt "$slowest" ] && slowest=$qmp_ms
+        [ "$vm_status" = io-error ] && break
+        if [ $(($(uptime_s) - t0)) -ge $STOPPED_SECONDS ]; then
+            fail "step vm-stopped: the VM is $vm_status $STOPPED_SECONDS s after the fault"
+            break
+        fi
+        sleep 1
+    done
+    echo "L1: $name: VM $vm_status after $(($(uptime_s) - t0)) s; slowest query-status ${slowest} ms"
+    [ "$slowest" -lt 1000 ] || fail "query-status took $slowest ms while the sidecar was gone"
+    grep -q "spapr-tce-sidecar 'sc0': stopping the VM: " /tmp/q.log || fail "QEMU did not say why it stopped the VM"
+    if [ $fault = kill ]; then
+        sleep 2
+        start_sidecar $name || true
+    else
+        kill -CONT $sc $workers
+    fi
+    if [ $fault = kill ] && [ $mode = isolated ]; then
+        # The dead worker's container keeps the group while QEMU holds the device open, so no
+        # new session can attach it: QEMU says so at its first attempt and holds the VM stopped.
+        if await $name rebuild-refused $RECONNECT_SECONDS 'cannot describe the VFIO devices to the session' /tmp/q.log; then
+            qmp_status
+            [ "$vm_status" = io-error ] || fail "the VM is $vm_status, not held stopped"
+        fi
+        refused=$(grep -m1 'cannot describe the VFIO devices to the session' /tmp/q.log | sed 's/.*to the session: //' | tr -d '"')
+        end $name
+        grep -q 'lost the session with the tce-sidecar' /tmp/q.log || fail "QEMU did not report the loss"
+        verdict $name "vm_held_stopped=${vm_status:-unknown} slowest_query_status_ms=$slowest rebuild_refused=\"$refused\""
+        return
+    fi
+    if await $name vm-runs-again $RECONNECT_SECONDS 'the VM runs again' /tmp/q.log &&
+        await $name download-across-fault $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log; then
+        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+        qmp_status
+        [ "$vm_status" = running ] || fail "the VM is $vm_status after the download"
+    fi
+    end $name
+    got=$(transfer_bytes during-fault)
+    [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes across the fault"
+    if [ $fault = kill ]; then
+        # a new session adopted what the kernel kept (REBUILD)
+        grep -q 'lost the session with the tce-sidecar' /tmp/q.log || fail "QEMU did not report the loss"
+        grep -q 'reconnected to the tce-sidecar' /tmp/q.log || fail "QEMU did not reconnect"
+    else
+        # the session stalled, then went on when the late reply came
+        grep -q 'waiting for it' /tmp/q.log || fail "QEMU did not say it waits for the late reply"
+        grep -q 'the late reply to TCE_UPDATE came' /tmp/q.log || fail "QEMU did not read the late reply"
+        grep -q 'lost the session' /tmp/q.log && fail "QEMU ended the stalled session"
+    fi
+    grep -q "\"mode\": \"$mode\"" /tmp/status.json || fail "no $mode session in the sidecar"
+    groups=$(grep -c '"iommu_group"' /tmp/status.json)
+    windows=$(grep -c '"has_window": true' /tmp/status.json)
+    [ "$groups" -ge 1 ] && [ "$windows" -ge 1 ] ||
+        fail "the session knows $groups groups and $windows windows"
+    verdict $name "bytes_during_fault=${got:-0} slowest_query_status_ms=$slowest groups_in_session=$groups windows_in_session=$windows"
 }
 
 # accelerated and isolated: the guest maps every DMA buffer with H_PUT_TCE in its default 4K
 # window (disable_ddw), the hypercalls the seed moved into the kernel; accelerated-ddw: the guest's
 # 64-bit DDW (created through ibm,create-pe-dma-window and the sidecar), which Linux maps all at
-# once; *-kill: the sidecar dies during a download.
+# once; *-kill: the sidecar dies during a download; isolated-stop: the sidecar is stopped
+# (SIGSTOP) during a download, then continued.
 for c in $CASES; do
     case $c in
     accelerated | isolated) run_transfer $c $c disable_ddw ;;
     accelerated-ddw) run_transfer $c accelerated "" ;;
-    accelerated-kill) run_fault accelerated ;;
-    isolated-kill) run_fault isolated ;;
+    accelerated-kill) run_fault accelerated kill ;;
+    isolated-kill) run_fault isolated kill ;;
+    isolated-stop) run_fault isolated stop ;;
     *) echo "NESTED mode=$c result=FAIL why=\"unknown case\"" ;;
     esac
 done

@@ -25,12 +25,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-BOOTS=${NESTED_BOOTS:-accelerated,accelerated-ddw,accelerated-kill isolated,isolated-kill}
+BOOTS=${NESTED_BOOTS:-accelerated,accelerated-ddw,accelerated-kill,isolated-stop isolated,isolated-kill}
 BOOT_SECONDS=${NESTED_BOOT_SECONDS:-120}
 MIB=${NESTED_MIB:-8}
 TARGET=powerpc64le-unknown-linux-gnu
 CACHE=${TCE_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-lab}
-QCACHE=${TCE_SIDECAR_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-qemu}/10.0.13
+# the QEMU version the series is checked on, as qemu-patches/check names it
+QEMU_VERSION=$(sed -n 's/^QEMU_VERSION=//p' qemu-patches/check)
+QCACHE=${TCE_SIDECAR_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-qemu}/$QEMU_VERSION
 QEMU_L1=$QCACHE/qemu/build-ppc64le/qemu-system-ppc64
 SYSROOT=$QCACHE/ppc64el/sysroot
 start=$(date +%s)
@@ -115,7 +117,7 @@ download() {
     echo "L2-TRANSFER name=$1 bytes=$(stat -c %s /tmp/blob) seconds=$(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.2f", b - a }')"
     rm -f /tmp/blob
 }
-if [ "$(arg NESTED_FAULT)" = kill ]; then
+if [ -n "$(arg NESTED_FAULT)" ]; then
     echo "L2-FAULT-START"
     download during-fault
 else
