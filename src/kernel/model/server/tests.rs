@@ -16,6 +16,24 @@ fn connected() -> (ModelServer, UnixStream) {
     (server, ours)
 }
 
+/// A VM whose guest RAM at 0 is `ram` (1 MiB), and its vCPU 0; the KVM fd first.
+fn vm_with_ram(client: &ModelClient, ram: &SharedMapping) -> (OwnedFd, OwnedFd, OwnedFd) {
+    let kvm = client.open_kvm().unwrap();
+    let vm = client.kvm_create_vm(kvm.as_fd()).unwrap();
+    let vcpu = client.kvm_create_vcpu(vm.as_fd(), 0).unwrap();
+    let region = UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 1 << 20,
+        userspace_addr: ram.addr(),
+    };
+    client
+        .kvm_set_user_memory_region(vm.as_fd(), region)
+        .unwrap();
+    (kvm, vm, vcpu)
+}
+
 /// Sends raw `payload` as request `code` and returns the reply's status word.
 fn raw(stream: &UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) -> i64 {
     send_frame(stream, code, false, payload, fds).unwrap();
@@ -189,19 +207,7 @@ fn table_standin_is_the_entries_memfd() {
     let (_s, c) = connected();
     let client = ModelClient::from_stream(c);
     let (ram, _ram_fd) = guest_ram(&client, 1 << 20).unwrap();
-    let kvm = client.open_kvm().unwrap();
-    let vm = client.kvm_create_vm(kvm.as_fd()).unwrap();
-    let vcpu = client.kvm_create_vcpu(vm.as_fd(), 0).unwrap();
-    let region = UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: 1 << 20,
-        userspace_addr: ram.addr(),
-    };
-    client
-        .kvm_set_user_memory_region(vm.as_fd(), region)
-        .unwrap();
+    let (_kvm, vm, vcpu) = vm_with_ram(&client, &ram);
     let args = CreateSpaprTce64 {
         liobn: 9,
         page_shift: 12,
@@ -253,19 +259,7 @@ fn arbitrary_requests_get_replies_never_a_dead_server() {
     let (_s, c) = connected();
     let client = ModelClient::from_stream(c.try_clone().unwrap());
     let (ram, ram_fd) = guest_ram(&client, 1 << 20).unwrap();
-    let kvm = client.open_kvm().unwrap();
-    let vm = client.kvm_create_vm(kvm.as_fd()).unwrap();
-    let vcpu = client.kvm_create_vcpu(vm.as_fd(), 0).unwrap();
-    let region = UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: 1 << 20,
-        userspace_addr: ram.addr(),
-    };
-    client
-        .kvm_set_user_memory_region(vm.as_fd(), region)
-        .unwrap();
+    let (kvm, vm, vcpu) = vm_with_ram(&client, &ram);
     let container = client.open_vfio_container().unwrap();
     let group = client.open_vfio_group(1).unwrap();
     client
