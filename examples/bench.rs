@@ -589,6 +589,7 @@ impl InProc {
             size: RAM,
             user_addr: map.addr(),
             mmap_offset: 0,
+            page_shift: 0,
         };
         let mut this = Self {
             session: Session::new(host),

@@ -257,6 +257,7 @@ impl RealVm {
             size,
             user_addr: ram.addr(),
             mmap_offset: 0,
+            page_shift: 0,
         };
         Ok(Self {
             group_path: group_path.to_owned(),

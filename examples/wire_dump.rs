@@ -15,6 +15,7 @@ fn requests() -> Vec<Request> {
         size: 1 << 30,
         user_addr: 0x7fff_0000_0000,
         mmap_offset: 0,
+        page_shift: 0,
     };
     vec![
         Request::GetFeatures,
@@ -177,10 +178,10 @@ fn main() -> std::io::Result<()> {
         let label = format!(
             "request {} ({} fd)",
             request.code(),
-            request.code().fd_count()
+            request.code().fd_count(FdRule::Every)
         );
         // Selector bit 0 clear: a request; bits 1.. give the fuzz target the fd count it carries.
-        let selector = (request.code().fd_count() as u8) << 1;
+        let selector = (request.code().fd_count(FdRule::Every) as u8) << 1;
         frames.push((
             label,
             selector,

@@ -56,6 +56,7 @@ const ACCELERATED: u64 = 1;
 const ISOLATED: u64 = 2;
 const EEH: u64 = 4;
 const REBUILD: u64 = 8;
+const FDS_BY_MODE: u64 = 16;
 
 // Operation kinds (§6.1).
 const CONTAINER_OPEN: u16 = 1;
@@ -361,7 +362,7 @@ fn handshake_features_negotiated_once_with_each_mismatch_refused() {
     let reply = conn.call(GET_FEATURES, &[]).ok();
     assert_eq!(
         reply.body,
-        (ACCELERATED | ISOLATED | EEH | REBUILD).to_le_bytes()
+        (ACCELERATED | ISOLATED | EEH | REBUILD | FDS_BY_MODE).to_le_bytes()
     );
     // A bit the back-end does not offer: -ENOTSUP, the text names it.
     let reply = conn.call(SET_FEATURES, &Le::default().u64(ISOLATED | 1 << 9).bytes());
@@ -694,7 +695,7 @@ fn sixty_four_concurrent_clients_each_served_correctly() {
                 let features = conn.call(GET_FEATURES, &[]).ok().body;
                 assert_eq!(
                     features,
-                    (ACCELERATED | ISOLATED | EEH | REBUILD).to_le_bytes()
+                    (ACCELERATED | ISOLATED | EEH | REBUILD | FDS_BY_MODE).to_le_bytes()
                 );
                 let mode = if i % 2 == 0 { ACCELERATED } else { ISOLATED };
                 conn.handshake(mode);
@@ -987,6 +988,68 @@ fn accelerated_group_add_and_window_owner_operations_executed_by_front_end() {
         1,
         "only the first group is registered: {status}"
     );
+}
+
+/// §4.1 `FDS_BY_MODE` in accelerated mode: MEM_ADD, GROUP_ADD carry no fd (MEM_ADD names its
+/// page shift at offset 4), TABLE_ADD still carries its KVM table; the owner operations are
+/// the same. In isolated mode the feature changes nothing.
+#[test]
+fn fds_by_mode_accelerated_session_sends_only_table_fds() {
+    let sidecar = Sidecar::start("c-fds-by-mode", &[]);
+    let mut vm = Vm::new(&sidecar);
+    let conn = Conn::open(&sidecar);
+    conn.handshake(ACCELERATED | FDS_BY_MODE);
+    let ram = vm.vm.ram()[0].memfd.try_clone().unwrap();
+    let region = vm.mem_add();
+    let with_page_shift = |shift: u32| {
+        let mut region = region.clone();
+        region[4..8].copy_from_slice(&shift.to_le_bytes());
+        region
+    };
+    let reply = conn.call_fds(MEM_ADD, &with_page_shift(16), &[ram.as_fd()]);
+    reply.error(EBADF);
+    assert!(reply.text.contains("exactly 0 fd(s)"), "{}", reply.text);
+    let reply = conn.call(MEM_ADD, &region);
+    reply.error(EINVAL);
+    assert!(reply.text.contains("page_shift"), "{}", reply.text);
+    conn.call(MEM_ADD, &with_page_shift(16)).ok();
+
+    let group = vm.group_fd(1, 1);
+    conn.call_fds(GROUP_ADD, &group_add(1, 0, 1), &[group.as_fd()])
+        .error(EBADF);
+    let reply = conn.call(GROUP_ADD, &group_add(1, 0, 1));
+    let (last, batches) = vm.run(&conn, reply, None);
+    last.ok();
+    assert_eq!(
+        batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
+        [
+            vec![CONTAINER_OPEN, GROUP_SET_CONTAINER, SET_IOMMU, TCE_GET_INFO],
+            vec![REGISTER_MEMORY, TCE_REMOVE],
+        ]
+    );
+
+    let table = vm.vm.kvm_table(u64::from(LIOBN), 12, 0, ENTRIES).unwrap();
+    vm.objects
+        .tables
+        .insert(TableId(1), (table.fd.try_clone().unwrap(), ENTRIES));
+    conn.call(TABLE_ADD, &table_add_1()).error(EBADF);
+    conn.call_fds(TABLE_ADD, &table_add_1(), &[table.fd.as_fd()])
+        .ok();
+    let reply = conn.call(WINDOW_CREATE, &id(1));
+    let (last, batches) = vm.run(&conn, reply, None);
+    last.ok();
+    assert_eq!(
+        batches.iter().map(|b| kinds(b)).collect::<Vec<_>>(),
+        [vec![TCE_CREATE], vec![KVM_FILE_ADD, KVM_SET_SPAPR_TCE]]
+    );
+
+    // Isolated: the sidecar maps guest RAM and owns the group, so both still travel.
+    let isolated = Conn::open(&sidecar);
+    isolated.handshake(ISOLATED | FDS_BY_MODE);
+    let reply = isolated.call(MEM_ADD, &region);
+    reply.error(EBADF);
+    assert!(reply.text.contains("exactly 1 fd(s)"), "{}", reply.text);
+    isolated.call(MEM_ADD, &with_page_shift(16)).error(EBADF);
 }
 
 #[test]

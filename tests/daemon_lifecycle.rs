@@ -138,7 +138,7 @@ fn print_capabilities_model_offers_both_modes_eeh_and_rebuild() {
         "protocol_version": 1,
         "kernel": "model",
         "modes": ["accelerated", "isolated"],
-        "features": ["eeh", "rebuild"],
+        "features": ["eeh", "rebuild", "fds-by-mode"],
     });
     assert_eq!(
         capabilities(&["--print-capabilities", "--kernel", "model"]),

@@ -14,8 +14,8 @@ use tce_sidecar::client::Client;
 use tce_sidecar::kernel::model::{HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE};
 use tce_sidecar::kernel::OwnershipMode;
 use tce_sidecar::protocol::{
-    decode_reply, encode_request, recv_frame, send_frame, GroupDesc, OpKind, Request, TableDesc,
-    TceEntries, TceUpdate,
+    decode_reply, encode_request, recv_frame, send_frame, FdRule, GroupDesc, OpKind, Request,
+    TableDesc, TceEntries, TceUpdate, FEATURE_FDS_BY_MODE,
 };
 
 /// Guest RAM per VM. Small: every VM of this process shares one mm and its 8 MiB memlock limit
@@ -38,7 +38,8 @@ struct FrontEnd {
 
 impl FrontEnd {
     fn set_up(sidecar: &Sidecar, mode: OwnershipMode, iommu_group: u32) -> Self {
-        let (vm, mut client) = model_front_end(sidecar, mode, iommu_group, RAM);
+        let (vm, mut client) =
+            model_front_end(sidecar, mode, FEATURE_FDS_BY_MODE, iommu_group, RAM);
         let liobn = 0x8000_0000 | u64::from(iommu_group);
         let table = match mode {
             OwnershipMode::Accelerated => vm.kvm_table(liobn, PAGE_SHIFT, 0, ENTRIES),
@@ -274,12 +275,16 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
         iommu_group: 3,
     });
     let stream = victim.client.stream();
+    let fds = match victim.client.fd_rule() {
+        FdRule::Every => vec![group.as_fd()],
+        FdRule::TablesOnly => Vec::new(),
+    };
     send_frame(
         stream,
         request.code() as u32,
         false,
         &encode_request(&request),
-        &[group.as_fd()],
+        &fds,
     )
     .unwrap();
     let frame = recv_frame(stream, true).expect("the GROUP_ADD reply");

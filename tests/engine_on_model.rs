@@ -207,6 +207,7 @@ impl World {
             size: REGION_SIZE,
             user_addr: front_end.addr(),
             mmap_offset: 0,
+            page_shift: 0,
         };
         if self.ram.contains_key(&i) {
             return self.request(
@@ -292,6 +293,7 @@ impl World {
             size: REGION_SIZE,
             user_addr: self.ram.get(&i).map_or(0, |r| r.front_end.addr()),
             mmap_offset: 0,
+            page_shift: 0,
         };
         let reply = self.request(Request::MemRemove(desc), None);
         if reply.status == 0 {

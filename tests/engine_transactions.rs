@@ -168,6 +168,7 @@ fn mem_add(size: u64) -> Request {
         size,
         user_addr: 0x7000_0000_0000,
         mmap_offset: 0,
+        page_shift: 0,
     })
 }
 
@@ -300,6 +301,41 @@ fn window_create_accelerated_associates_every_group_after_create() {
             },
         ]
     );
+}
+
+/// With FDS_BY_MODE in accelerated mode no memfd shows the page size of guest RAM: the region
+/// names it, and it bounds the window's hardware pages as the memfd's would.
+#[test]
+fn region_page_shift_bounds_the_hardware_page_without_a_memfd() {
+    let lean = FEATURE_MODE_ACCELERATED | FEATURE_FDS_BY_MODE;
+    let region = |page_shift| {
+        Request::MemAdd(MemRegion {
+            region_id: 1,
+            guest_addr: 0,
+            size: 1 << 30,
+            user_addr: 0x7000_0000_0000,
+            mmap_offset: 0,
+            page_shift,
+        })
+    };
+    // The platform offers 4 KiB, 64 KiB, 2 MiB and 1 GiB pages.
+    for (ram_shift, hw_shift) in [(21, 21), (16, 16)] {
+        let mut d = Driver::new(lean, platform());
+        d.ok(region(ram_shift), None);
+        d.ok(group_add(1, 7), None);
+        d.ok(table_add(1, 0x8000_0001, 21, 0, 64), None);
+        let body = d.ok(Request::WindowCreate { table_id: 1 }, None);
+        let created = WindowCreateBody::decode(&body).unwrap();
+        assert_eq!(
+            created.hw_page_shift, hw_shift,
+            "RAM in 1 << {ram_shift} pages"
+        );
+    }
+    // Pages smaller than the host's cannot back guest RAM.
+    let mut d = Driver::new(lean, platform());
+    let reply = d.request(region(12), None);
+    assert_eq!(reply.status, -Errno::INVAL.raw_os_error(), "{}", reply.text);
+    assert!(reply.text.contains("page_shift 12"), "{}", reply.text);
 }
 
 #[test]

@@ -46,6 +46,7 @@ fn mem_add() -> Request {
         size: 4096,
         user_addr: 0x10000,
         mmap_offset: 0,
+        page_shift: 0,
     })
 }
 
@@ -71,7 +72,13 @@ fn send_request(sock: &UnixStream, request: &Request, fds: &[&OwnedFd]) {
 
 fn receive(sock: &UnixStream) -> Result<Incoming, DecodeError> {
     let frame = recv_frame(sock, false).unwrap();
-    decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem)
+    decode_request(
+        &frame.header,
+        &frame.payload,
+        frame.fds,
+        frame.fd_problem,
+        FdRule::Every,
+    )
 }
 
 #[test]
@@ -239,7 +246,13 @@ fn readers() -> [(&'static str, FrameReader); 2] {
 }
 
 fn decode(frame: Frame) -> Result<Incoming, DecodeError> {
-    decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem)
+    decode_request(
+        &frame.header,
+        &frame.payload,
+        frame.fds,
+        frame.fd_problem,
+        FdRule::Every,
+    )
 }
 
 #[test]

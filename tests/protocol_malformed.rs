@@ -34,9 +34,25 @@ fn recv_after_writing(bytes: &[u8]) -> Result<Frame, RecvError> {
     recv_frame(&back, false)
 }
 
+/// Decodes as a session with every fd (before negotiation, isolated, or no `FDS_BY_MODE`).
 fn decode(code: u32, payload: &[u8], fds: usize) -> Result<Incoming, DecodeError> {
+    decode_under(FdRule::Every, code, payload, fds)
+}
+
+fn decode_under(
+    rule: FdRule,
+    code: u32,
+    payload: &[u8],
+    fds: usize,
+) -> Result<Incoming, DecodeError> {
     let header = Header::new(code, false, payload.len());
-    decode_request(&header, payload, (0..fds).map(|_| fd()).collect(), None)
+    decode_request(
+        &header,
+        payload,
+        (0..fds).map(|_| fd()).collect(),
+        None,
+        rule,
+    )
 }
 
 #[track_caller]
@@ -164,7 +180,7 @@ fn request_fixed_size_mismatch_is_refused_with_einval() {
             }
             let payload = vec![0u8; got];
             assert_refused(
-                decode(code as u32, &payload, code.fd_count()),
+                decode(code as u32, &payload, code.fd_count(FdRule::Every)),
                 EINVAL,
                 DecodeErrorKind::Size {
                     expected: size,
@@ -271,6 +287,7 @@ fn request_wrong_fd_count_is_refused_with_ebadf() {
         size: 4096,
         user_addr: 4096,
         mmap_offset: 0,
+        page_shift: 0,
     }));
     let code = RequestCode::MemAdd as u32;
     assert_refused(
@@ -303,6 +320,7 @@ fn request_wrong_fd_count_is_refused_with_ebadf() {
         size: 4096,
         user_addr: 4096,
         mmap_offset: 0,
+        page_shift: 0,
     }));
     assert_refused(
         decode(RequestCode::MemRemove as u32, &remove, 1),
@@ -311,6 +329,101 @@ fn request_wrong_fd_count_is_refused_with_ebadf() {
             expected: 0,
             got: 1,
         },
+    );
+}
+
+/// Accelerated mode with `FDS_BY_MODE`: only TABLE_ADD carries an fd, and MEM_ADD's reserved
+/// word becomes the region's page shift.
+#[test]
+fn fds_by_mode_accelerated_carries_only_table_fds() {
+    let region = |page_shift| {
+        payload_of(&Request::MemAdd(MemRegion {
+            region_id: 1,
+            guest_addr: 0,
+            size: 1 << 16,
+            user_addr: 1 << 16,
+            mmap_offset: 0,
+            page_shift,
+        }))
+    };
+    let lean = FdRule::TablesOnly;
+    let mem = RequestCode::MemAdd as u32;
+    let incoming = decode_under(lean, mem, &region(24), 0).expect("MEM_ADD without its memfd");
+    assert!(incoming.fd.is_none());
+    assert!(matches!(incoming.request, Request::MemAdd(r) if r.page_shift == 24));
+    assert_refused(
+        decode_under(lean, mem, &region(16), 1),
+        EBADF,
+        DecodeErrorKind::FdCount {
+            expected: 0,
+            got: 1,
+        },
+    );
+    for page_shift in [0, 11, 35, u32::MAX] {
+        assert_refused(
+            decode_under(lean, mem, &region(page_shift), 0),
+            EINVAL,
+            DecodeErrorKind::Invalid {
+                field: "page_shift",
+                value: page_shift.into(),
+            },
+        );
+    }
+    // MEM_REMOVE repeats the page shift under the same rule.
+    let remove = RequestCode::MemRemove as u32;
+    assert!(decode_under(lean, remove, &region(16), 0).is_ok());
+    // Without the rule the word is reserved.
+    assert_refused(
+        decode(mem, &region(16), 1),
+        EINVAL,
+        DecodeErrorKind::NonCanonical { what: "MEM_ADD" },
+    );
+    let group = payload_of(&Request::GroupAdd(GroupDesc {
+        group_id: 1,
+        container_id: 0,
+        iommu_group: 3,
+    }));
+    for code in [RequestCode::GroupAdd, RequestCode::GroupAdopt] {
+        assert!(decode_under(lean, code as u32, &group, 0).is_ok());
+        assert_refused(
+            decode_under(lean, code as u32, &group, 1),
+            EBADF,
+            DecodeErrorKind::FdCount {
+                expected: 0,
+                got: 1,
+            },
+        );
+    }
+    let table = payload_of(&Request::TableAdd(TableDesc {
+        table_id: 1,
+        container_id: 0,
+        liobn: 0x8000_0000,
+        page_shift: 12,
+        bus_offset: 0,
+        entries: 512,
+    }));
+    let code = RequestCode::TableAdd as u32;
+    assert!(decode_under(lean, code, &table, 1).is_ok());
+    assert_refused(
+        decode_under(lean, code, &table, 0),
+        EBADF,
+        DecodeErrorKind::FdCount {
+            expected: 1,
+            got: 0,
+        },
+    );
+}
+
+#[test]
+fn fd_rule_follows_the_negotiated_features() {
+    let acc = FEATURE_MODE_ACCELERATED;
+    let iso = FEATURE_MODE_ISOLATED;
+    assert_eq!(FdRule::negotiated(0), FdRule::Every);
+    assert_eq!(FdRule::negotiated(acc), FdRule::Every);
+    assert_eq!(FdRule::negotiated(iso | FEATURE_FDS_BY_MODE), FdRule::Every);
+    assert_eq!(
+        FdRule::negotiated(acc | FEATURE_FDS_BY_MODE | FEATURE_EEH),
+        FdRule::TablesOnly
     );
 }
 
@@ -327,7 +440,7 @@ fn request_fd_problems_are_refused_with_ebadf() {
         (FdProblem::Misplaced, DecodeErrorKind::FdsMisplaced),
     ] {
         assert_refused(
-            decode_request(&header, &group, vec![fd()], Some(problem)),
+            decode_request(&header, &group, vec![fd()], Some(problem), FdRule::Every),
             EBADF,
             kind,
         );
@@ -350,6 +463,7 @@ fn request_reserved_fields_nonzero_are_refused() {
                 size: 4096,
                 user_addr: 0,
                 mmap_offset: 0,
+                page_shift: 0,
             })),
             4,
         ),
@@ -420,7 +534,7 @@ fn request_reserved_fields_nonzero_are_refused() {
     ];
     for (code, mut payload, reserved_at) in cases {
         payload[reserved_at] = 1;
-        let result = decode(code as u32, &payload, code.fd_count());
+        let result = decode(code as u32, &payload, code.fd_count(FdRule::Every));
         assert_refused(
             result,
             EINVAL,

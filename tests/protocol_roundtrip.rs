@@ -11,15 +11,22 @@ fn fresh_fd() -> OwnedFd {
     eventfd(0, EventfdFlags::CLOEXEC).expect("eventfd")
 }
 
-/// Encodes, decodes and compares; fd-carrying requests travel with one real fd.
+/// Encodes, decodes and compares; fd-carrying requests travel with one real fd. A region that
+/// names its page shift travels as accelerated mode with `FDS_BY_MODE` sends it, without fd.
 fn request_round_trip(request: &Request) -> Result<(), TestCaseError> {
+    let rule = match request {
+        Request::MemAdd(r) | Request::MemRemove(r) if r.page_shift != 0 => FdRule::TablesOnly,
+        _ => FdRule::Every,
+    };
     let payload = encode_request(request);
     let header = Header::new(request.code() as u32, false, payload.len());
-    let fds: Vec<OwnedFd> = (0..request.code().fd_count()).map(|_| fresh_fd()).collect();
-    let incoming = decode_request(&header, &payload, fds, None)
+    let fds: Vec<OwnedFd> = (0..request.code().fd_count(rule))
+        .map(|_| fresh_fd())
+        .collect();
+    let incoming = decode_request(&header, &payload, fds, None, rule)
         .map_err(|e| TestCaseError::fail(format!("{request:?} did not decode: {e}")))?;
     prop_assert_eq!(&incoming.request, request);
-    prop_assert_eq!(incoming.fd.is_some(), request.code().fd_count() == 1);
+    prop_assert_eq!(incoming.fd.is_some(), request.code().fd_count(rule) == 1);
     Ok(())
 }
 
@@ -38,14 +45,16 @@ fn arb_region() -> impl Strategy<Value = MemRegion> {
         any::<u64>(),
         any::<u64>(),
         any::<u64>(),
+        prop_oneof![Just(0u32), 12u32..=34],
     )
         .prop_map(
-            |(region_id, guest_addr, size, user_addr, mmap_offset)| MemRegion {
+            |(region_id, guest_addr, size, user_addr, mmap_offset, page_shift)| MemRegion {
                 region_id,
                 guest_addr,
                 size,
                 user_addr,
                 mmap_offset,
+                page_shift,
             },
         )
 }
@@ -335,6 +344,7 @@ fn request_every_code_has_a_round_trip_case() {
             size: 1 << 30,
             user_addr: 0x7f00_0000_0000,
             mmap_offset: 0,
+            page_shift: 0,
         }),
         Request::MemRemove(MemRegion {
             region_id: 1,
@@ -342,6 +352,7 @@ fn request_every_code_has_a_round_trip_case() {
             size: 1 << 30,
             user_addr: 0x7f00_0000_0000,
             mmap_offset: 0,
+            page_shift: 0,
         }),
         Request::GroupAdd(GroupDesc {
             group_id: 1,

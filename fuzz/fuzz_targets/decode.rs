@@ -8,12 +8,12 @@ use std::os::fd::OwnedFd;
 use libfuzzer_sys::fuzz_target;
 use rustix::event::{eventfd, EventfdFlags};
 use tce_sidecar::protocol::{
-    decode_reply, decode_request, encode_reply, encode_request, FdProblem, Header, FLAG_REPLY,
+    decode_reply, decode_request, encode_reply, encode_request, FdProblem, FdRule, Header, FLAG_REPLY,
     HEADER_SIZE, VERSION,
 };
 
 fuzz_target!(|data: &[u8]| {
-    // Byte 0 chooses the side and the fd situation; the next 12 bytes are a header; the rest is
+    // Byte 0 chooses the side, the fd situation and the session's fd rule; the next 12 bytes are a header; the rest is
     // the payload.
     let Some((&selector, rest)) = data.split_first() else { return };
     let Some((header_bytes, payload)) = rest.split_first_chunk::<HEADER_SIZE>() else { return };
@@ -36,9 +36,10 @@ fuzz_target!(|data: &[u8]| {
             2 => Some(FdProblem::Misplaced),
             _ => None,
         };
-        if let Ok(incoming) = decode_request(&header, payload, fds, problem) {
+        let rule = if selector >> 5 & 1 == 1 { FdRule::TablesOnly } else { FdRule::Every };
+        if let Ok(incoming) = decode_request(&header, payload, fds, problem, rule) {
             assert_eq!(encode_request(&incoming.request), payload);
-            assert_eq!(incoming.fd.is_some(), incoming.request.code().fd_count() == 1);
+            assert_eq!(incoming.fd.is_some(), incoming.request.code().fd_count(rule) == 1);
         }
     }
 });

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
-use tce_sidecar::protocol::{decode_request, FrameReader, RecvError, HEADER_SIZE};
+use tce_sidecar::protocol::{decode_request, FdRule, FrameReader, RecvError, HEADER_SIZE};
 
 fuzz_target!(|data: &[u8]| {
     // Stay below the socket buffer so the write cannot block without a reader.
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         match reader.recv(&back) {
             Ok(frame) => {
                 consumed += HEADER_SIZE + frame.payload.len();
-                let _ = decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem);
+                let _ = decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem, FdRule::Every);
             }
             Err(RecvError::Closed) => {
                 assert_eq!(consumed, data.len(), "a clean close only at a frame boundary");

@@ -23,10 +23,10 @@ use crate::kernel::{
     RegionId, TableId,
 };
 use crate::protocol::{
-    decode_reply, encode_request, send_frame, DecodeError, EehBody, EehRequest, FeaturesBody,
-    FrameReader, GroupDesc, MemRegion, OpResult, OwnerOp, RecvError, Reply, Request, TableDesc,
-    TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody, FEATURE_MODE_ACCELERATED,
-    FEATURE_MODE_ISOLATED,
+    decode_reply, encode_request, send_frame, DecodeError, EehBody, EehRequest, FdRule,
+    FeaturesBody, FrameReader, GroupDesc, MemRegion, OpResult, OwnerOp, RecvError, Reply, Request,
+    TableDesc, TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody,
+    FEATURE_MODE_ACCELERATED, FEATURE_MODE_ISOLATED,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +76,14 @@ pub struct Client {
     /// The container each group belongs to.
     group_containers: BTreeMap<GroupId, ContainerId>,
     containers: BTreeSet<ContainerId>,
+    /// The page shift each MEM_ADD named, repeated by its MEM_REMOVE.
+    region_page_shifts: BTreeMap<RegionId, u32>,
     stats: ClientStats,
 }
 
 impl Client {
-    /// Connects to the sidecar at `path` and negotiates `mode` plus `extra` feature bits.
+    /// Connects to the sidecar at `path` and negotiates `mode` plus `extra` feature bits (with
+    /// `FEATURE_FDS_BY_MODE` the requests carry only the fds the mode uses).
     /// `kernel` executes the owner operations; `kvm_vfio` is the VM's kvm-vfio device.
     pub fn connect(
         path: impl AsRef<Path>,
@@ -102,6 +105,7 @@ impl Client {
                 ..ObjectTable::default()
             },
             containers: BTreeSet::new(),
+            region_page_shifts: BTreeMap::new(),
             stats: ClientStats::default(),
         };
         let supported = client.get_features()?;
@@ -149,12 +153,26 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("GET_FEATURES reply without features".into()))
     }
 
-    /// MEM_ADD of a region this process mapped at `region.user_addr`.
+    /// Which requests carry an fd in this session.
+    pub fn fd_rule(&self) -> FdRule {
+        FdRule::negotiated(self.features)
+    }
+
+    /// MEM_ADD of a region this process mapped at `region.user_addr`. Under
+    /// [`FdRule::TablesOnly`] the memfd stays here and its page size is sent instead.
     pub fn add_region(
         &mut self,
-        region: MemRegion,
+        mut region: MemRegion,
         memfd: BorrowedFd<'_>,
     ) -> Result<(), ClientError> {
+        let lean = self.fd_rule() == FdRule::TablesOnly;
+        if lean {
+            // hugetlbfs shows its huge page size as the block size, memfd/tmpfs the base page.
+            let blksize = rustix::fs::fstat(memfd)
+                .map_err(io::Error::from)?
+                .st_blksize;
+            region.page_shift = u64::try_from(blksize).unwrap_or(0).max(1).ilog2();
+        }
         let id = RegionId(region.region_id);
         // The front-end registers its own addresses (accelerated mode); a simulated kernel must
         // be told they are mapped (the real one sees it).
@@ -172,17 +190,22 @@ impl Client {
                 size: region.size,
             },
         );
-        let result = self.transact(Request::MemAdd(region), Some(memfd));
+        let result = self.transact(Request::MemAdd(region), (!lean).then_some(memfd));
         if result.is_err() {
             self.objects.regions.remove(&id);
             let _ = self.kernel.memory_unmapped(region.user_addr);
+        } else {
+            self.region_page_shifts.insert(id, region.page_shift);
         }
         result.map(drop)
     }
 
-    pub fn remove_region(&mut self, region: MemRegion) -> Result<(), ClientError> {
+    pub fn remove_region(&mut self, mut region: MemRegion) -> Result<(), ClientError> {
+        let id = RegionId(region.region_id);
+        region.page_shift = self.region_page_shifts.get(&id).copied().unwrap_or(0);
         self.transact(Request::MemRemove(region), None)?;
-        self.objects.regions.remove(&RegionId(region.region_id));
+        self.region_page_shifts.remove(&id);
+        self.objects.regions.remove(&id);
         let _ = self.kernel.memory_unmapped(region.user_addr);
         Ok(())
     }
@@ -195,7 +218,8 @@ impl Client {
         let sent = fd.try_clone()?;
         self.objects.groups.insert(id, fd);
         self.group_containers.insert(id, container);
-        let result = self.transact(Request::GroupAdd(group), Some(sent.as_fd()));
+        let sent = (self.fd_rule() == FdRule::Every).then_some(sent.as_fd());
+        let result = self.transact(Request::GroupAdd(group), sent);
         if result.is_err() {
             self.objects.groups.remove(&id);
             self.group_containers.remove(&id);

@@ -110,6 +110,7 @@ impl ModelVm {
             size,
             user_addr: mapping.addr(),
             mmap_offset: 0,
+            page_shift: 0,
         };
         self.ram.push(GuestRam {
             region,

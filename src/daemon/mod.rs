@@ -29,8 +29,8 @@ use crate::kernel::linux::{self, HostCaps};
 use crate::kernel::model::server::ModelServer;
 use crate::kernel::model::{ModelKernel, Platform};
 use crate::protocol::{
-    recv_frame, send_frame, FEATURE_EEH, FEATURE_MODE_ACCELERATED, FEATURE_MODE_ISOLATED,
-    FEATURE_REBUILD, VERSION,
+    recv_frame, send_frame, FEATURE_EEH, FEATURE_FDS_BY_MODE, FEATURE_MODE_ACCELERATED,
+    FEATURE_MODE_ISOLATED, FEATURE_REBUILD, VERSION,
 };
 
 /// Errors that stop the daemon. Printed once, with their chain, by `main`.
@@ -186,14 +186,15 @@ pub fn model_capabilities(platform: &Platform) -> Capabilities {
 }
 
 /// The features a backend lets sessions negotiate: accelerated only where KVM can associate
-/// its tables with VFIO groups, isolated only where VFIO containers exist.
+/// its tables with VFIO groups, isolated only where VFIO containers exist. Requests may always
+/// carry only the fds their mode uses.
 pub fn features(caps: HostCaps) -> u64 {
     let mut features = 0;
     if caps.spapr_tce_vfio && caps.vfio {
         features |= FEATURE_MODE_ACCELERATED | FEATURE_REBUILD;
     }
     if caps.vfio {
-        features |= FEATURE_MODE_ISOLATED;
+        features |= FEATURE_MODE_ISOLATED | FEATURE_FDS_BY_MODE;
     }
     if caps.eeh {
         features |= FEATURE_EEH;
@@ -230,7 +231,11 @@ pub fn capabilities(backend: &dyn Backend) -> Capabilities {
             (FEATURE_MODE_ACCELERATED, "accelerated"),
             (FEATURE_MODE_ISOLATED, "isolated"),
         ]),
-        features: pick(&[(FEATURE_EEH, "eeh"), (FEATURE_REBUILD, "rebuild")]),
+        features: pick(&[
+            (FEATURE_EEH, "eeh"),
+            (FEATURE_REBUILD, "rebuild"),
+            (FEATURE_FDS_BY_MODE, "fds-by-mode"),
+        ]),
     }
 }
 

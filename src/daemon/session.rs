@@ -17,8 +17,8 @@ use crate::engine::{Action, FdFacts, Session};
 use crate::kernel::shared_memory::{require_sealed, TceView, Unsafe};
 use crate::kernel::{GroupId, Kernel, KernelOp, Output, OwnershipMode};
 use crate::protocol::{
-    decode_request, encode_reply, send_frame, FrameReader, Incoming, RecvError, Reply, Request,
-    RequestCode,
+    decode_request, encode_reply, send_frame, FdRule, FrameReader, Incoming, RecvError, Reply,
+    Request, RequestCode,
 };
 
 use super::objects::{facts, SessionObjects};
@@ -190,19 +190,24 @@ pub fn serve(
             }
         };
         let code = frame.header.request;
-        let Incoming { request, fd } =
-            match decode_request(&frame.header, &frame.payload, frame.fds, frame.fd_problem) {
-                Ok(incoming) => incoming,
-                Err(err) => {
-                    debug!(session = id, %err, "refused a malformed request");
-                    if send_reply(&stream, code, &Reply::error(err.errno(), err.to_string()))
-                        .is_err()
-                    {
-                        break;
-                    }
-                    continue;
+        let rule = FdRule::negotiated(entry.engine().features());
+        let decoded = decode_request(
+            &frame.header,
+            &frame.payload,
+            frame.fds,
+            frame.fd_problem,
+            rule,
+        );
+        let Incoming { request, fd } = match decoded {
+            Ok(incoming) => incoming,
+            Err(err) => {
+                debug!(session = id, %err, "refused a malformed request");
+                if send_reply(&stream, code, &Reply::error(err.errno(), err.to_string())).is_err() {
+                    break;
                 }
-            };
+                continue;
+            }
+        };
         if let Request::GetStatus { first_session } = request {
             if send_reply(&stream, code, &status(first_session)).is_err() {
                 break;

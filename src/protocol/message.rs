@@ -57,10 +57,11 @@ impl RequestCode {
         Self::ALL.iter().copied().find(|c| *c as u32 == code)
     }
 
-    /// The exact number of fds a request of this type carries.
-    pub fn fd_count(self) -> usize {
-        match self {
-            Self::MemAdd | Self::GroupAdd | Self::TableAdd | Self::GroupAdopt => 1,
+    /// The exact number of fds a request of this type carries under `rule`.
+    pub fn fd_count(self, rule: FdRule) -> usize {
+        match (self, rule) {
+            (Self::TableAdd, _) => 1,
+            (Self::MemAdd | Self::GroupAdd | Self::GroupAdopt, FdRule::Every) => 1,
             _ => 0,
         }
     }
@@ -96,6 +97,30 @@ impl fmt::Display for RequestCode {
     }
 }
 
+/// Which requests carry an fd in a session (PROTOCOL.md §2.1, §4.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FdRule {
+    /// `MEM_ADD`, `GROUP_ADD`, `GROUP_ADOPT` and `TABLE_ADD` each carry one: before
+    /// negotiation, in isolated mode, and in accelerated mode without `FDS_BY_MODE`.
+    #[default]
+    Every,
+    /// Accelerated mode with `FDS_BY_MODE`: the back-end never uses guest RAM or group fds
+    /// there, so only `TABLE_ADD` carries one, and `MEM_ADD` names its page size instead.
+    TablesOnly,
+}
+
+impl FdRule {
+    /// The rule a session's negotiated `features` (0 before `SET_FEATURES`) set.
+    pub fn negotiated(features: u64) -> Self {
+        let lean = crate::protocol::FEATURE_FDS_BY_MODE | crate::protocol::FEATURE_MODE_ACCELERATED;
+        if features & lean == lean {
+            Self::TablesOnly
+        } else {
+            Self::Every
+        }
+    }
+}
+
 /// One guest RAM region, in vhost-user's memory-region layout (MEM_ADD, MEM_REMOVE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemRegion {
@@ -110,6 +135,9 @@ pub struct MemRegion {
     pub user_addr: u64,
     /// Offset of the first byte in the memfd.
     pub mmap_offset: u64,
+    /// Under [`FdRule::TablesOnly`], log2 of the size of the pages backing the region (no
+    /// memfd travels to show it); otherwise 0, the layout's reserved word.
+    pub page_shift: u32,
 }
 
 /// A VFIO group (GROUP_ADD).

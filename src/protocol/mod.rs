@@ -47,6 +47,11 @@ pub const FEATURE_EEH: u64 = 1 << 2;
 /// Feature bit: GROUP_ADOPT and WINDOW_ADOPT rebuild an accelerated session after the back-end
 /// restarted.
 pub const FEATURE_REBUILD: u64 = 1 << 3;
+/// Feature bit: requests carry only the fds the negotiated mode uses ([`FdRule`]).
+pub const FEATURE_FDS_BY_MODE: u64 = 1 << 4;
 /// Every feature bit version 1 defines.
-pub const FEATURES_KNOWN: u64 =
-    FEATURE_MODE_ACCELERATED | FEATURE_MODE_ISOLATED | FEATURE_EEH | FEATURE_REBUILD;
+pub const FEATURES_KNOWN: u64 = FEATURE_MODE_ACCELERATED
+    | FEATURE_MODE_ISOLATED
+    | FEATURE_EEH
+    | FEATURE_REBUILD
+    | FEATURE_FDS_BY_MODE;

@@ -473,11 +473,12 @@ pub fn open_fds(pid: u32) -> usize {
 }
 
 /// A VM on the daemon's model kernel with `ram` bytes of guest RAM and VFIO group `iommu_group`,
-/// and its session in `mode`, set up as QEMU does: negotiated, RAM added, the group added as
-/// group 1 of container 0. Replies are read with [`IO_TIMEOUT`].
+/// and its session in `mode` with `extra_features`, set up as QEMU does: negotiated, RAM added,
+/// the group added as group 1 of container 0. Replies are read with [`IO_TIMEOUT`].
 pub fn model_front_end(
     sidecar: &Sidecar,
     mode: tce_sidecar::kernel::OwnershipMode,
+    extra_features: u64,
     iommu_group: u32,
     ram: u64,
 ) -> (
@@ -492,7 +493,7 @@ pub fn model_front_end(
     let mut client = tce_sidecar::client::Client::connect(
         &sidecar.socket,
         mode,
-        0,
+        extra_features,
         Box::new(kernel),
         Some(vm.kvm_vfio_device().unwrap()),
     )

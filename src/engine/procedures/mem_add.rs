@@ -31,7 +31,11 @@ impl MemAdd {
         fd: Option<FdFacts>,
     ) -> Result<Self, EngineError> {
         check_region(state, host, &desc, fd)?;
-        let page_size = fd.map_or(host.page_size, |f| f.page_size.max(host.page_size));
+        // The memfd shows its page size; without one (FdRule::TablesOnly) the request names it.
+        let page_size = match fd {
+            Some(f) => f.page_size.max(host.page_size),
+            None => 1 << desc.page_shift,
+        };
         state
             .regions
             .insert(RegionId(desc.region_id), Region { desc, page_size });
@@ -100,6 +104,15 @@ fn check_region(
         .guest_addr
         .checked_add(desc.size)
         .ok_or_else(|| err(Errno::INVAL, "region wraps"))?;
+    if fd.is_none() && 1u64 << desc.page_shift < page {
+        return Err(err(
+            Errno::INVAL,
+            format!(
+                "page_shift {} names pages smaller than the host page size {page:#x}",
+                desc.page_shift
+            ),
+        ));
+    }
     if let Some(fd) = fd {
         if desc
             .mmap_offset

@@ -16,7 +16,7 @@ const OPS_RESULT_FIXED: usize = 8;
 const WINDOW_RESET_CREATE_DEFAULT: u32 = 1;
 
 /// Encodes a request's payload (without header). Returns the bytes; the caller sends them with
-/// exactly `request.code().fd_count()` fds.
+/// exactly `request.code().fd_count(rule)` fds, `rule` being the session's [`FdRule`].
 pub fn encode_request(request: &Request) -> Vec<u8> {
     let mut w = Writer::default();
     match request {
@@ -29,7 +29,7 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
         }
         Request::MemAdd(r) | Request::MemRemove(r) => {
             w.u32(r.region_id)
-                .u32(0)
+                .u32(r.page_shift)
                 .u64(r.guest_addr)
                 .u64(r.size)
                 .u64(r.user_addr);
@@ -193,13 +193,18 @@ fn expected_size(code: RequestCode, payload: &[u8]) -> Result<usize, DecodeError
     })
 }
 
-/// Decodes a request. `fds` are every fd received with the frame; `fd_problem` is what the
-/// socket layer saw go wrong with them. On any error every fd is dropped (closed).
+/// Page shifts a `MEM_ADD` may name under [`FdRule::TablesOnly`]: 4 KiB to 16 GiB pages.
+const REGION_PAGE_SHIFTS: std::ops::RangeInclusive<u32> = 12..=34;
+
+/// Decodes a request of a session whose fds follow `rule`. `fds` are every fd received with
+/// the frame; `fd_problem` is what the socket layer saw go wrong with them. On any error every
+/// fd is dropped (closed).
 pub fn decode_request(
     header: &Header,
     payload: &[u8],
     fds: Vec<OwnedFd>,
     fd_problem: Option<FdProblem>,
+    rule: FdRule,
 ) -> Result<Incoming, DecodeError> {
     let fail = |kind| Err(DecodeError::new(header.request, kind));
     let Some(code) = RequestCode::from_u32(header.request) else {
@@ -220,14 +225,29 @@ pub fn decode_request(
         Some(FdProblem::Misplaced) => return fail(DecodeErrorKind::FdsMisplaced),
         None => {}
     }
-    if fds.len() != code.fd_count() {
+    if fds.len() != code.fd_count(rule) {
         return fail(DecodeErrorKind::FdCount {
-            expected: code.fd_count(),
+            expected: code.fd_count(rule),
             got: fds.len(),
         });
     }
     let request =
         parse_request(code, payload).map_err(|kind| DecodeError::new(header.request, kind))?;
+    // A region's page shift is a field only where no memfd shows the page size.
+    if let Request::MemAdd(region) | Request::MemRemove(region) = &request {
+        match rule {
+            FdRule::TablesOnly if !REGION_PAGE_SHIFTS.contains(&region.page_shift) => {
+                return fail(DecodeErrorKind::Invalid {
+                    field: "page_shift",
+                    value: region.page_shift.into(),
+                })
+            }
+            FdRule::Every if region.page_shift != 0 => {
+                return fail(DecodeErrorKind::NonCanonical { what: code.name() })
+            }
+            _ => {}
+        }
+    }
     // Canonical form: re-encoding must give back the same bytes, so every reserved and unused
     // field was zero and nothing was ignored. A TCE update's entries are any u64s, so only its
     // fixed part is re-encoded (its size check already covered the entries).
@@ -264,9 +284,10 @@ fn parse_request(code: RequestCode, payload: &[u8]) -> Result<Request, DecodeErr
         },
         RequestCode::MemAdd | RequestCode::MemRemove => {
             let region_id = r.u32();
-            let _reserved = r.u32();
+            let page_shift = r.u32();
             let region = MemRegion {
                 region_id,
+                page_shift,
                 guest_addr: r.u64(),
                 size: r.u64(),
                 user_addr: r.u64(),
