@@ -16,7 +16,7 @@ use tce_sidecar::client::Client;
 use tce_sidecar::kernel::model::server::ModelClient;
 use tce_sidecar::kernel::model::{HcallOutcome, H_PUT_TCE, H_PUT_TCE_INDIRECT, H_STUFF_TCE};
 use tce_sidecar::kernel::OwnershipMode;
-use tce_sidecar::protocol::{GroupDesc, TableDesc, TceEntries, TceUpdate};
+use tce_sidecar::protocol::{GroupDesc, TableDesc, TceEntries, TceUpdate, FEATURE_FDS_BY_MODE};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -127,7 +127,7 @@ fn run_mode(sidecar: &Sidecar, mode: OwnershipMode, first_group: u32) -> Result<
     let mut client = Client::connect(
         &sidecar.socket,
         mode,
-        0,
+        FEATURE_FDS_BY_MODE,
         kernel,
         Some(vm.kvm_vfio_device()?),
     )?;

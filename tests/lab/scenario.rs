@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use tce_sidecar::client::Client;
 use tce_sidecar::kernel::{Errno, Kernel, OwnershipMode};
-use tce_sidecar::protocol::{GroupDesc, MemRegion, TableDesc, TceEntries, TceUpdate};
+use tce_sidecar::protocol::{
+    GroupDesc, MemRegion, TableDesc, TceEntries, TceUpdate, FEATURE_FDS_BY_MODE,
+};
 
 pub type Error = Box<dyn std::error::Error>;
 
@@ -404,7 +406,13 @@ pub fn run_session<V: LabVm>(
 ) -> Result<Outcome, Error> {
     let me = std::process::id();
     let front_end_start = vm.locked_bytes(me)?;
-    let mut client = Client::connect(socket, mode, 0, vm.kernel()?, Some(vm.kvm_vfio_device()?))?;
+    let mut client = Client::connect(
+        socket,
+        mode,
+        FEATURE_FDS_BY_MODE,
+        vm.kernel()?,
+        Some(vm.kvm_vfio_device()?),
+    )?;
     let worker = worker_pid(&own_session(&mut client)?).filter(|w| *w != sidecar_pid);
     // The sidecar's locked memory: the daemon's and its worker's (none once the worker is gone).
     let locked = |vm: &V| -> Result<(u64, u64), Error> {
