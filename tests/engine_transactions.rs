@@ -331,11 +331,17 @@ fn region_page_shift_bounds_the_hardware_page_without_a_memfd() {
             "RAM in 1 << {ram_shift} pages"
         );
     }
-    // Pages smaller than the host's cannot back guest RAM.
-    let mut d = Driver::new(lean, platform());
-    let reply = d.request(region(12), None);
-    assert_eq!(reply.status, -Errno::INVAL.raw_os_error(), "{}", reply.text);
-    assert!(reply.text.contains("page_shift 12"), "{}", reply.text);
+    // Pages smaller than the host's cannot back guest RAM, and a shift past 63 names none.
+    for page_shift in [12, 64, u32::MAX] {
+        let mut d = Driver::new(lean, platform());
+        let reply = d.request(region(page_shift), None);
+        assert_eq!(reply.status, -Errno::INVAL.raw_os_error(), "{}", reply.text);
+        assert!(
+            reply.text.contains(&format!("page_shift {page_shift}")),
+            "{}",
+            reply.text
+        );
+    }
 }
 
 #[test]

@@ -104,7 +104,8 @@ fn check_region(
         .guest_addr
         .checked_add(desc.size)
         .ok_or_else(|| err(Errno::INVAL, "region wraps"))?;
-    if fd.is_none() && 1u64 << desc.page_shift < page {
+    // A shift of 64 or more names no page at all.
+    if fd.is_none() && 1u64.checked_shl(desc.page_shift).unwrap_or(0) < page {
         return Err(err(
             Errno::INVAL,
             format!(
