@@ -55,6 +55,32 @@ fn listener(dir: &TestDir) -> UnixListener {
     UnixListener::bind(dir.path().join("sidecar.sock")).expect("bind the launcher's socket")
 }
 
+/// The socket file appears only once it listens (bound under a temporary name, then renamed),
+/// so a client that sees it is never refused; a path too long for the temporary name is bound
+/// in place. No temporary file is left behind.
+#[test]
+fn bound_socket_listens_as_soon_as_it_exists() {
+    let dir = TestDir::new("bind");
+    let long_name = "s".repeat(107 - dir.path().as_os_str().len() - 1);
+    for name in ["sidecar.sock", long_name.as_str()] {
+        let path = dir.path().join(name);
+        let listener = tce_sidecar::daemon::bind(&path).expect("bind");
+        UnixStream::connect(&path).expect("a client that sees the socket is served");
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, [std::ffi::OsString::from(name)]);
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
 /// A handshake and a status round trip on a daemon that got its socket from its launcher.
 fn assert_serves(sidecar: &Sidecar) {
     let stream = sidecar.connect();

@@ -290,11 +290,33 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         Err(_) => {}
     }
+    // The socket appears at `path` only once it listens: bound under a temporary name beside
+    // it, then renamed, so a client that sees the file is never refused (ECONNREFUSED). A path
+    // too long for a temporary sibling is bound in place.
+    let temporary = temporary_sibling(path);
+    let bound = temporary.as_deref().unwrap_or(path);
+    if let Some(stale) = &temporary {
+        let _ = std::fs::remove_file(stale);
+    }
     // The umask applies at bind time, so the socket never exists with a wider mode.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-    let listener = UnixListener::bind(path);
+    let listener = UnixListener::bind(bound);
     rustix::process::umask(old);
-    listener.map_err(bind_error)
+    let listener = listener.map_err(bind_error)?;
+    if let Some(temporary) = &temporary {
+        if let Err(source) = std::fs::rename(temporary, path) {
+            let _ = std::fs::remove_file(temporary);
+            return Err(bind_error(source));
+        }
+    }
+    Ok(listener)
+}
+
+/// `DIR/.NAME.PID` beside `DIR/NAME`, if it fits a socket address (107 bytes and a NUL).
+fn temporary_sibling(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let temporary = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    (temporary.as_os_str().len() <= 107).then_some(temporary)
 }
 
 /// `tce-sidecar status`: asks a running sidecar for every page of its status.
