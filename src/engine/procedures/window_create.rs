@@ -181,11 +181,11 @@ impl WindowCreate {
                     self.levels
                 ),
             )),
+            // The front-end reports KVM's refusal and its own (an association it may not make)
+            // alike.
             KernelOp::KvmSetSpaprTce { group, table } => Failure::Fail(err(
                 errno,
-                format!(
-                    "KVM refused to associate {table} with {group}: {errno}"
-                ),
+                format!("KVM_SET_SPAPR_TCE of {table} with {group} failed: {errno}"),
             )),
             _ => Failure::Fail(err(errno, format!("{op} failed: {errno}"))),
         }
