@@ -1,5 +1,6 @@
 #!/bin/sh
-# init of L1 in tests/lab/nested.sh: the emulated POWER9 host. Binds the e1000e to vfio-pci, then
+# init of L1 in tests/lab/nested.sh: the emulated POWER9 host. Binds the e1000e (and a second one,
+# which L0 adds for hostile-cross) to vfio-pci, then
 # for each case named in NESTED_CASES runs the real tce-sidecar and the patched QEMU, whose KVM
 # guest (L2) downloads a file through the passed-through NIC, and prints one `NESTED mode=…
 # result=…` line.
@@ -26,15 +27,19 @@ for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L1: insmod $m
 # host's udev leaves it (kvm is gid 36 here).
 chgrp 36 /dev/kvm && chmod 0660 /dev/kvm
 echo "STEP case=host step=bind-vfio-pci seconds=60"
-dev=""
-for d in /sys/bus/pci/devices/*; do
-    case "$(cat $d/vendor):$(cat $d/device)" in 0x8086:0x10d3) dev=$d ;; esac
+# Every e1000e, in address order: B on the first PHB serves every case; B2, on a PHB (and so in an
+# IOMMU group) of its own, only hostile-cross.
+B=""
+B2=""
+for dev in /sys/bus/pci/devices/*; do
+    [ "$(cat $dev/vendor):$(cat $dev/device)" = 0x8086:0x10d3 ] || continue
+    b=$(basename $dev)
+    [ -e $dev/driver ] && echo $b >$dev/driver/unbind
+    echo vfio-pci >$dev/driver_override
+    echo $b >/sys/bus/pci/drivers_probe
+    echo "L1: $b bound to $(basename $(readlink $dev/driver)), group $(basename $(readlink $dev/iommu_group))"
+    if [ -z "$B" ]; then B=$b; elif [ -z "$B2" ]; then B2=$b; fi
 done
-B=$(basename "$dev")
-[ -e $dev/driver ] && echo $B >$dev/driver/unbind
-echo vfio-pci >$dev/driver_override
-echo $B >/sys/bus/pci/drivers_probe
-echo "L1: $B bound to $(basename $(readlink $dev/driver)), group $(basename $(readlink $dev/iommu_group))"
 CAPS=cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off,cap-hpt-max-page-size=4096
 
 # Deadlines (seconds), sized from what each step takes under TCG on a 2-CPU x86_64 host running
@@ -141,23 +146,25 @@ start_sidecar() {
     done
 }
 
-# start_qemu MODE GUEST_ARGS: the L2 guest with the NIC on a sidecar-backed container; sets qp.
+# start_qemu MODE GUEST_ARGS [SOCKET [QEMU_ARGS]]: the L2 guest with the NIC on a sidecar-backed
+# container, the sidecar reached at SOCKET (default /tmp/sc.sock), QEMU_ARGS added; sets qp.
 # A restarted sidecar is back within seconds; reconnect-attempts=$RECONNECT_SECONDS (1 s apart)
 # keeps the reconnection case within its deadline rather than within the default 10 s. The
 # default DMA window is 128 MiB (32768 entries), not 1 GiB: ample for the NIC's buffers, and L2's
 # kernel clears the whole window at boot, which in isolated mode is a round trip to the sidecar
 # per entry.
 start_qemu() {
+    # shellcheck disable=SC2086 # QEMU_ARGS are words
     /qemu/bin/qemu-system-ppc64 -L /qemu/share \
         -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
         -object memory-backend-memfd,id=ram0,size=256M,share=on \
-        -object spapr-tce-sidecar,id=sc0,path=/tmp/sc.sock,mode=$1,reconnect-attempts=$RECONNECT_SECONDS \
+        -object spapr-tce-sidecar,id=sc0,path=${3:-/tmp/sc.sock},mode=$1,reconnect-attempts=$RECONNECT_SECONDS \
         -global spapr-pci-host-bridge.dma_win_size=0x8000000 \
         -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
         -qmp unix:/tmp/qmp.sock,server=on,wait=off \
         -kernel /l2/vmlinux -initrd /l2/initrd.gz \
         -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $2" \
-        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 \
+        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 $4 \
         -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
         -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
         -trace 'spapr_iommu_pci_stuff' -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*' \
@@ -176,29 +183,59 @@ report_failure() {
     tail -n 60 /tmp/l2.log
     echo "--- sidecar ($1)"
     cat /tmp/sc.log /tmp/status.json
+    if [ -s /tmp/proxy.log ]; then
+        echo "--- proxy ($1)"
+        cat /tmp/proxy.log
+    fi
 }
 
-# begin CASE MODE GUEST_ARGS: fresh logs, a sidecar, the guest booted with its network up.
-# Returns 1 (with why set) if a step failed.
+# start_proxy CASE: the hostile proxy (lab_frontend cross-proxy) on /tmp/proxy.sock, in front of
+# the sidecar's /tmp/sc.sock; sets pp
+start_proxy() {
+    echo "STEP case=$1 step=start-proxy seconds=$SIDECAR_SECONDS"
+    rm -f /tmp/proxy.sock
+    /lab_frontend cross-proxy /tmp/proxy.sock /tmp/sc.sock >/tmp/proxy.log 2>&1 &
+    pp=$!
+    i=0
+    while [ ! -S /tmp/proxy.sock ]; do
+        [ $i -ge $SIDECAR_SECONDS ] && {
+            fail "step start-proxy: no socket after $SIDECAR_SECONDS s"
+            return 1
+        }
+        sleep 1
+        i=$((i + 1))
+    done
+}
+
+# begin CASE MODE GUEST_ARGS [QEMU_ARGS]: fresh logs, a sidecar (for hostile-cross with the proxy in
+# front of it), the guest booted with its network up. Returns 1 (with why set) if a step failed.
 begin() {
     : >/tmp/l2.log
     : >/tmp/sc.log
     : >/tmp/status.json
+    : >/tmp/proxy.log
     why=""
     qp=""
+    pp=""
     lck_qemu=""
     lck_sidecar=""
     start_sidecar $1 || return 1
-    start_qemu $2 "$3"
+    socket=/tmp/sc.sock
+    if [ $1 = hostile-cross ]; then
+        start_proxy $1 || return 1
+        socket=/tmp/proxy.sock
+    fi
+    start_qemu $2 "$3" $socket "$4"
     boot_seconds=$L2_BOOT_SECONDS
     [ $2 = isolated ] && boot_seconds=$L2_BOOT_SECONDS_ISOLATED
     await $1 boot-l2 $boot_seconds '^L2-BOOTED' /tmp/l2.log &&
         await $1 guest-network $NETWORK_SECONDS '^L2-NETWORK' /tmp/l2.log
 }
 
-# end CASE: stops what still runs of QEMU and the sidecar
+# end CASE: stops what still runs of QEMU, the proxy and the sidecar
 end() {
     [ -n "$qp" ] && kill -0 $qp 2>/dev/null && stop $1 qemu $qp
+    [ -n "$pp" ] && kill -0 $pp 2>/dev/null && stop $1 proxy $pp
     kill -0 $sc 2>/dev/null && stop $1 sidecar $sc
 }
 
@@ -364,6 +401,50 @@ run_fault() {
     verdict $name "bytes_during_fault=${got:-0} slowest_query_status_ms=$slowest groups_in_session=$groups windows_in_session=$windows"
 }
 
+# hostile-cross: a hostile back-end names another container's group, and QEMU refuses it. L2 has a
+# second PHB (spapr-pci-host-bridge) with the second NIC, so the session has two containers. The
+# proxy between QEMU and the sidecar (lab_frontend cross-proxy) rewrites the KVM_SET_SPAPR_TCE of
+# the second container's first window (made at machine reset) to name the group of the first
+# container. QEMU must answer it -EPERM without making the call and say so; the sidecar rolls that
+# window back, QEMU says the second PHB's devices cannot DMA and runs on, and the guest's download
+# through the first NIC completes. The rollback deletes the second group's file from the kvm-vfio
+# device, which never had an association: Linux warns about that once
+# (kvm_spapr_tce_release_vfio_group), and nested.sh expects that warning in this case's boot.
+run_hostile_cross() {
+    name=hostile-cross
+    vm_status=""
+    if [ -z "$B2" ]; then
+        why="L1 has no second e1000e (nested.sh adds it to a boot of hostile-cross alone)"
+        verdict $name "proxy_answer=none"
+        return
+    fi
+    begin $name accelerated disable_ddw \
+        "-device spapr-pci-host-bridge,index=1,id=phb1 -device vfio-pci,host=$B2,bus=phb1.0,spapr-tce-sidecar=sc0" &&
+        await $name proxy-answer $NETWORK_SECONDS '^CROSS-PROXY answer' /tmp/proxy.log &&
+        await $name download $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log
+    if [ -n "$qp" ] && kill -0 $qp 2>/dev/null; then
+        qmp_status
+        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+    fi
+    end $name
+    grep '^CROSS-PROXY' /tmp/proxy.log | sed 's/^/L1: proxy: /'
+    grep -E 'refused KVM_SET_SPAPR_TCE|cannot DMA through this window' /tmp/q.log | sed 's/^/L1: /'
+    answer=$(sed -n 's/^CROSS-PROXY answer status=\([-0-9a-z]*\).*/\1/p' /tmp/proxy.log | head -n1)
+    [ "$answer" = -1 ] || fail "QEMU answered the rewritten operation with status ${answer:-nothing}, not -1 (EPERM)"
+    refusals=$(grep -c "refused KVM_SET_SPAPR_TCE (container [0-9]*, object [0-9]*, aux 0x[0-9a-f]*) in the reply to WINDOW_CREATE: it names something the request does not concern" /tmp/q.log)
+    [ "$refusals" = 1 ] || fail "QEMU warned of $refusals refused operations, not 1"
+    grep -q 'cannot DMA through this window' /tmp/q.log || fail "QEMU did not say which window it went on without"
+    [ "$vm_status" = running ] || fail "the VM is ${vm_status:-unknown} after the refusal"
+    got=$(transfer_bytes first)
+    [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes"
+    groups=$(grep -c '"iommu_group"' /tmp/status.json)
+    windows=$(grep -c '"has_window": true' /tmp/status.json)
+    [ "$groups" = 2 ] && [ "$windows" = 1 ] ||
+        fail "the session knows $groups groups and $windows windows, not 2 and 1 (the refused one rolled back)"
+    warnings=$(dmesg | grep -c 'WARNING: CPU: .* kvm_spapr_tce_release_vfio_group')
+    verdict $name "proxy_answer=${answer:-none} qemu_refusals=$refusals vm=${vm_status:-unknown} bytes=${got:-0} groups_in_session=$groups windows_in_session=$windows kvm_vfio_release_warnings=$warnings"
+}
+
 # accelerated and isolated: the guest maps every DMA buffer with H_PUT_TCE in its default 4K
 # window (disable_ddw), the hypercalls the seed moved into the kernel; accelerated-ddw: the guest's
 # 64-bit DDW (created through ibm,create-pe-dma-window and the sidecar), which Linux maps all at
@@ -376,6 +457,7 @@ for c in $CASES; do
     accelerated-kill) run_fault accelerated kill ;;
     isolated-kill) run_fault isolated kill ;;
     isolated-stop) run_fault isolated stop ;;
+    hostile-cross) run_hostile_cross ;;
     *) echo "NESTED mode=$c result=FAIL why=\"unknown case\"" ;;
     esac
 done

@@ -2,13 +2,19 @@
 # The end-to-end lab: the patched QEMU of qemu-patches/, the real tce-sidecar and a KVM guest with
 # a passed-through NIC, on a real Linux kernel.
 #
-#   L0  this machine's qemu-system-ppc64 -M powernv9 (TCG), an e1000e on -netdev user
+#   L0  this machine's qemu-system-ppc64 -M powernv9 (TCG), an e1000e on -netdev user (and, in the
+#       boot of hostile-cross, a second one on another PHB)
 #   L1  the Debian ppc64el 6.12 kernel; kvm-hv, vfio-pci; the e1000e bound to vfio-pci; the static
 #       ppc64le tce-sidecar and the cross-built patched QEMU (qemu-patches/check builds it)
 #   L2  a KVM-HV pseries guest started by that QEMU with
 #         -object spapr-tce-sidecar,mode=M -device vfio-pci,host=…,spapr-tce-sidecar=…
 #       which loads e1000e and downloads a file over HTTP from a server on this machine, so the
 #       NIC's DMA goes through the guest's TCE tables.
+#
+# hostile-cross puts a hostile proxy (lab_frontend cross-proxy) between that QEMU and the sidecar
+# and the second NIC on a second PHB of L2: the proxy makes the second container's
+# KVM_SET_SPAPR_TCE name the first container's group, which QEMU must refuse (nested-l1.sh). It
+# runs in a boot of its own, where one kernel warning is expected (boot_l1).
 #
 # Output: one line per case, `NESTED mode=<m> result=<PASS|FAIL> …` with the counts, the
 # throughput ratio accelerated/isolated, and the full console log when a line fails. Exits non-zero
@@ -25,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-BOOTS=${NESTED_BOOTS:-accelerated,accelerated-ddw,accelerated-kill,isolated-stop isolated,isolated-kill}
+BOOTS=${NESTED_BOOTS:-accelerated,accelerated-ddw,accelerated-kill,isolated-stop isolated,isolated-kill hostile-cross}
 BOOT_SECONDS=${NESTED_BOOT_SECONDS:-120}
 MIB=${NESTED_MIB:-8}
 TARGET=powerpc64le-unknown-linux-gnu
@@ -176,17 +182,31 @@ server=$!
 
 # One boot of L1 per group of cases, each in a CPU slot of its own (tests/lab/boots.sh).
 boot_l1() { # boot_l1 N CASES: the cases (comma-separated) in one boot; its log is $WORK/l0-N.log
-    local log=$WORK/l0-$1.log t0=$SECONDS
+    local log=$WORK/l0-$1.log t0=$SECONDS second=()
+    # hostile-cross needs a second VFIO group in L1: a second e1000e, on a PHB of its own
+    [ "$2" = hostile-cross ] &&
+        second=(-netdev user,id=n1 -device e1000e,netdev=n1,bus=pcie.1,addr=0x0,romfile=)
     boot_with_deadlines "$log" "$BOOT_SECONDS" qemu-system-ppc64 -M powernv9 -m 3G -smp 1 \
         -nographic -no-reboot -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd-l1.gz" \
         -append "console=hvc0 rdinit=/init loglevel=4 NESTED_PORT=$port NESTED_BYTES=$((MIB * 1024 * 1024)) NESTED_CASES=$2" \
-        -netdev user,id=n0 -device e1000e,netdev=n0,bus=pcie.0,addr=0x0,romfile=
+        -netdev user,id=n0 -device e1000e,netdev=n0,bus=pcie.0,addr=0x0,romfile= "${second[@]}"
     echo "nested: boot $1 ($2): L0 qemu exit $RC after $((SECONDS - t0)) s; steps (s): $TOOK"
     local c failed=0
     for c in ${2//,/ }; do
         summary_line "$log" "NESTED mode=$c" || failed=1
     done
-    end_boot "$log" "boot $1" "$failed" "NESTED kernel WARN in L1's log (boot $1):"
+    # hostile-cross runs in a boot of its own. There the sidecar rolls back the window whose
+    # association QEMU refused, which deletes the group's file from the kvm-vfio device before it
+    # ever had one: Linux 6.12 warns (WARN_ON_ONCE in kvm_spapr_tce_release_vfio_group). That
+    # warning is expected there; any other fails the boot as everywhere.
+    local checked=$log
+    if [ "$2" = hostile-cross ]; then
+        # what the hostile proxy did and what QEMU said of it
+        grep -a -E '^L1: (proxy: |qemu-system-ppc64: )' "$log" | tr -d '\r' || true
+        checked=$WORK/l0-$1.checked.log
+        grep -a -v 'WARNING: CPU: .* kvm_spapr_tce_release_vfio_group+' "$log" >"$checked" || true
+    fi
+    end_boot "$checked" "boot $1" "$failed" "NESTED kernel WARN in L1's log (boot $1):"
 }
 
 failed=0
