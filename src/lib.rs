@@ -9,4 +9,5 @@ pub mod client;
 pub mod daemon;
 pub mod engine;
 pub mod kernel;
+pub mod libvirt;
 pub mod protocol;

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tce_sidecar::daemon::cli::{Cli, Command, KernelChoice, ModelPlatform, ServeArgs};
+use tce_sidecar::daemon::cli::{Cli, Command, KernelChoice, ModeChoice, ModelPlatform, ServeArgs};
 use tce_sidecar::daemon::{
     self, worker, Backend, Config, Daemon, LinuxBackend, Listen, ModelBackend, WorkerCommand,
 };
 use tce_sidecar::kernel::model::Platform;
+use tce_sidecar::kernel::OwnershipMode;
+use tce_sidecar::libvirt;
 
 /// Where front-ends reach the model kernel: `--model-socket`, else `<socket-path>.model`.
 fn model_socket(args: &ServeArgs) -> Result<PathBuf, Box<dyn Error>> {
@@ -32,6 +34,31 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             return Ok(());
         }
+        Some(Command::LibvirtXml {
+            mode,
+            socket_dir,
+            file,
+        }) => {
+            let xml = match file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+                None => std::io::read_to_string(std::io::stdin())?,
+            };
+            let mode = match mode {
+                ModeChoice::Accelerated => OwnershipMode::Accelerated,
+                ModeChoice::Isolated => OwnershipMode::Isolated,
+            };
+            print!("{}", libvirt::domain::use_sidecar(&xml, mode, &socket_dir)?);
+            return Ok(());
+        }
+        Some(Command::LibvirtHook { args }) => {
+            let xml = std::io::read_to_string(std::io::stdin())?;
+            let config = std::path::Path::new(libvirt::config::CONFIG_PATH);
+            libvirt::hook::run(&args, &xml, config)?;
+            return Ok(());
+        }
+        Some(Command::LibvirtInstall { bin }) => return Ok(libvirt::install::install(bin)?),
+        Some(Command::LibvirtUninstall) => return Ok(libvirt::install::uninstall()?),
         Some(Command::Worker(args)) => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)

@@ -26,6 +26,37 @@ pub enum Command {
         #[arg(long)]
         socket_path: PathBuf,
     },
+    /// Print a libvirt domain's XML (FILE, or standard input) changed to use a sidecar.
+    LibvirtXml {
+        /// The ownership mode the domain's sidecar negotiates.
+        #[arg(long, value_enum, default_value_t = ModeChoice::Accelerated)]
+        mode: ModeChoice,
+        /// Where the hook puts the domain's socket (its `socket_dir`).
+        #[arg(long, default_value = "/run/tce-sidecar")]
+        socket_dir: PathBuf,
+        file: Option<PathBuf>,
+    },
+    /// libvirt's qemu.d hook: NAME OP SUBOP EXTRA, the domain's XML on standard input.
+    #[command(hide = true)]
+    LibvirtHook {
+        #[arg(num_args = 0.., allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install the libvirt hook, the systemd units, the sidecar's user and its configuration.
+    LibvirtInstall {
+        /// The tce-sidecar binary the hook runs (default: this one).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// Remove what libvirt-install installed (not the user).
+    LibvirtUninstall,
+}
+
+/// A sidecar's ownership mode, on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeChoice {
+    Accelerated,
+    Isolated,
 }
 
 #[derive(Debug, Args)]
