@@ -67,7 +67,7 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
-    println!("installed {}", path.display());
+    println!("wrote {}", path.display());
     Ok(())
 }
 
@@ -102,6 +102,9 @@ pub fn install(binary: Option<PathBuf>) -> Result<(), String> {
     if !Path::new(CONFIG_PATH).exists() {
         write(Path::new(CONFIG_PATH), CONFIG_TEMPLATE, 0o644)?;
     }
+    if Path::new(APPARMOR).exists() {
+        allow_in_apparmor(&config.socket_dir)?;
+    }
     println!(
         "restart libvirt's daemon (libvirtd or virtqemud) once, so that it finds {}",
         HOOK_PATH
@@ -109,8 +112,35 @@ pub fn install(binary: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
+/// Present where AppArmor confines processes (Debian confines QEMU under libvirt with it).
+const APPARMOR: &str = "/sys/kernel/security/apparmor";
+/// Included by the profile libvirt generates for each domain's QEMU.
+const APPARMOR_LOCAL: &str = "/etc/apparmor.d/local/abstractions/libvirt-qemu";
+
+fn apparmor_rule(socket_dir: &Path) -> String {
+    format!("{}/*.sock rw, # tce-sidecar\n", socket_dir.display())
+}
+
+/// Lets a domain's QEMU connect to its sidecar's socket under AppArmor: libvirt's generated
+/// profiles allow only the paths the domain XML names as devices.
+fn allow_in_apparmor(socket_dir: &Path) -> Result<(), String> {
+    let rule = apparmor_rule(socket_dir);
+    let existing = std::fs::read_to_string(APPARMOR_LOCAL).unwrap_or_default();
+    if !existing.contains(&rule) {
+        write(Path::new(APPARMOR_LOCAL), &(existing + &rule), 0o644)?;
+    }
+    Ok(())
+}
+
 /// Removes what `install` put in place, but the user (`userdel tce-sidecar` removes it).
 pub fn uninstall() -> Result<(), String> {
+    let config = HookConfig::load(Path::new(CONFIG_PATH))?;
+    if let Ok(text) = std::fs::read_to_string(APPARMOR_LOCAL) {
+        let rule = apparmor_rule(&config.socket_dir);
+        if text.contains(&rule) {
+            write(Path::new(APPARMOR_LOCAL), &text.replace(&rule, ""), 0o644)?;
+        }
+    }
     let mut paths: Vec<PathBuf> = vec![HOOK_PATH.into(), CONFIG_PATH.into()];
     paths.extend(
         ["tce-sidecar@.socket", "tce-sidecar@.service"].map(|n| Path::new(UNIT_DIR).join(n)),
