@@ -83,8 +83,14 @@ pub fn install(binary: Option<PathBuf>) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", binary.display()))?;
     let config = HookConfig::load(Path::new(CONFIG_PATH))?;
     if user_ids(&config.user).is_err() {
+        // Its primary group is kvm where there is one: accelerated mode asks /dev/kvm (root:kvm,
+        // 0660) once at start whether KVM can take TCE updates over.
+        let kvm = std::fs::read_to_string("/etc/group")
+            .is_ok_and(|groups| groups.lines().any(|l| l.starts_with("kvm:")));
+        let group: &[&str] = if kvm { &["--gid", "kvm"] } else { &["--user-group"] };
         let status = Command::new("useradd")
             .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
+            .args(group)
             .args(["--shell", "/usr/sbin/nologin", &config.user])
             .status()
             .map_err(|e| format!("cannot run useradd: {e}"))?;
