@@ -138,7 +138,8 @@ fn allow_in_apparmor(socket_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes what `install` put in place, but the user (`userdel tce-sidecar` removes it).
+/// Removes what `install` put in place, but the user (`userdel tce-sidecar` removes it) and a
+/// configuration changed since.
 pub fn uninstall() -> Result<(), String> {
     let config = HookConfig::load(Path::new(CONFIG_PATH))?;
     if let Ok(text) = std::fs::read_to_string(APPARMOR_LOCAL) {
@@ -147,7 +148,13 @@ pub fn uninstall() -> Result<(), String> {
             write(Path::new(APPARMOR_LOCAL), &text.replace(&rule, ""), 0o644)?;
         }
     }
-    let mut paths: Vec<PathBuf> = vec![HOOK_PATH.into(), CONFIG_PATH.into()];
+    let mut paths: Vec<PathBuf> = vec![HOOK_PATH.into()];
+    // The configuration goes only as install wrote it: an administrator's settings stay.
+    match std::fs::read_to_string(CONFIG_PATH) {
+        Ok(text) if text == CONFIG_TEMPLATE => paths.push(CONFIG_PATH.into()),
+        Ok(_) => println!("kept {CONFIG_PATH}, which was changed after install"),
+        Err(_) => {}
+    }
     paths.extend(
         ["tce-sidecar@.socket", "tce-sidecar@.service"].map(|n| Path::new(UNIT_DIR).join(n)),
     );
