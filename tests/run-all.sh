@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of tce-sidecar: formatting, clippy, the cargo test suite, the powerpc64le type
 # check, the demo, the real-kernel lab (ppc64le under QEMU), the QEMU patch series (checkpatch,
-# builds, qtests, unit test, smoke test, hostile back-end), the end-to-end nested lab, and the
-# fuzz targets for a while. It first installs what the tests need; anything it cannot install is
-# reported on a line starting with "SKIP:" that names what was skipped and why.
+# builds, qtests, unit test, smoke test, hostile back-end), the libvirt hook with Debian's libvirtd
+# and the patched QEMU, the end-to-end nested lab, and the fuzz targets for a while. It first
+# installs what the tests need; anything it cannot install is reported on a line starting with
+# "SKIP:" that names what was skipped and why.
 #
 # Each step prints its duration when it ends, and the run ends with a table of them and the total
 # (also when a step fails). The real-kernel lab and the fuzz targets' build run beside the QEMU
@@ -152,6 +153,9 @@ beside "real-kernel lab (two Linux ppc64le kernels under QEMU TCG: powernv9, pow
 beside "fuzz targets' tools and build (nightly Rust, cargo-fuzz, cargo fuzz build)" fuzz_build
 step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per patch, ppc64 qtests, unit test, smoke, hostile back-end)" \
     bash qemu-patches/check
+# It needs the x86_64 build of the patched QEMU that the check leaves in its cache.
+step "libvirt on x86_64 (tests/libvirt/x86.sh: Debian's libvirtd, the hook, pseries TCG domains with the patched QEMU)" \
+    bash tests/libvirt/x86.sh
 step "join the background steps" join_beside
 step "end to end (patched QEMU + tce-sidecar + KVM guest with a passed-through NIC, nested in powernv9)" \
     bash tests/lab/nested.sh
