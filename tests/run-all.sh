@@ -157,8 +157,12 @@ step "QEMU series (qemu-patches/check: checkpatch, x86_64 + ppc64le build per pa
 step "libvirt on x86_64 (tests/libvirt/x86.sh: Debian's libvirtd, the hook, pseries TCG domains with the patched QEMU)" \
     bash tests/libvirt/x86.sh
 step "join the background steps" join_beside
+# Both boot emulated POWER9 hosts; they share the CPU slots (tests/lab/boots.sh).
+beside "libvirt in a ppc64el host (tests/lab/libvirt-host.sh: libvirtd starts KVM guests with a passed-through NIC through the hook, both modes)" \
+    bash tests/lab/libvirt-host.sh
 step "end to end (patched QEMU + tce-sidecar + KVM guest with a passed-through NIC, nested in powernv9)" \
     bash tests/lab/nested.sh
+step "join the libvirt run on ppc64le" join_beside
 step "fuzz targets (cargo fuzz, $FUZZ_SECONDS s each, both at once)" fuzz_run
 
 echo
