@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The libvirt run on ppc64le, which tests/run-all.sh runs beside the nested lab: a Debian ppc64el
-# host with systemd and libvirt booted as L1 in the emulated POWER9 (powernv9, TCG, as tests/lab/nested.sh), its root the
-# cached image of tests/lab/libvirt-rootfs.sh on a virtio-blk-pci disk (snapshot=on: the cache is
-# never written).
+# host with systemd and libvirt booted as L1 in the emulated POWER9 (powernv9, TCG, as
+# tests/lab/nested.sh), its root the cached image of tests/lab/libvirt-rootfs.sh on a
+# virtio-blk-pci disk (snapshot=on: the cache is never written).
 #
 #   L0  qemu-system-ppc64 -M powernv9: the e1000e on pcie.0 (-netdev user), the disk on pcie.1
 #   L1  a busybox initramfs loads virtio-blk and ext4, copies the run's payload (/opt/lab, a
