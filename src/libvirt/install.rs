@@ -87,7 +87,11 @@ pub fn install(binary: Option<PathBuf>) -> Result<(), String> {
         // 0660) once at start whether KVM can take TCE updates over.
         let kvm = std::fs::read_to_string("/etc/group")
             .is_ok_and(|groups| groups.lines().any(|l| l.starts_with("kvm:")));
-        let group: &[&str] = if kvm { &["--gid", "kvm"] } else { &["--user-group"] };
+        let group: &[&str] = if kvm {
+            &["--gid", "kvm"]
+        } else {
+            &["--user-group"]
+        };
         let status = Command::new("useradd")
             .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
             .args(group)
