@@ -45,6 +45,10 @@ apt_quiet() { apt-get -q -o Dpkg::Use-Pty=0 "$@" >/dev/null 2>"$CACHE/apt.err"; 
 last_err() { grep -v '^W: ' "$CACHE/apt.err" 2>/dev/null | tail -n 1 || true; }
 
 mkdir -p "$CACHE"
+# Labs that run at once (the nested lab and the libvirt host) both call this: one at a time, the
+# second then finds everything in place.
+exec 9>"$CACHE/.setup.lock"
+flock 9
 
 # --- host packages -------------------------------------------------------------------------
 qemu_ok() {
