@@ -28,7 +28,7 @@ fn units(binary: &Path, qemu_user: &str, qemu_uid: u32, user: &str) -> [(&'stati
             format!(
                 "[Unit]\nDescription=tce-sidecar socket for %i\n\n[Socket]\n\
                  ListenStream=/run/tce-sidecar/%i.sock\nSocketUser={qemu_user}\nSocketMode=0600\n\
-                 DirectoryMode=0755\n\n[Install]\nWantedBy=sockets.target\n"
+                 DirectoryMode=0755\nRemoveOnStop=yes\n\n[Install]\nWantedBy=sockets.target\n"
             ),
         ),
         (

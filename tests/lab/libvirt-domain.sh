@@ -1,9 +1,9 @@
 # shellcheck shell=bash
-# PROTOTYPE: sourced by tests/lab/libvirt-l1.sh in L1 (LIBVIRT_HOST_STAGE=domain): tce-sidecar
+# Sourced by tests/lab/libvirt-l1.sh in L1 (LIBVIRT_HOST_STAGE=domain): tce-sidecar
 # libvirt-install, then for each mode a KVM pseries domain made by `tce-sidecar libvirt-xml`, the
 # emulated e1000e as a managed <hostdev>: start, L2's download through it, destroy, start, destroy.
 # After each destroy: no sidecar process, no socket or pid file, no VFIO container open, the NIC
-# back on e1000e, VmLck of every remaining process.
+# back on e1000e, VmLck of every remaining process. Then the systemd units, and the kernel log.
 PORT=$(sed -n 's/.*NESTED_PORT=\([^ ]*\).*/\1/p' /proc/cmdline)
 BYTES=$(sed -n 's/.*NESTED_BYTES=\([^ ]*\).*/\1/p' /proc/cmdline)
 MODES=$(cat /opt/lab/modes)
@@ -229,6 +229,32 @@ for mode in $MODES; do
     [ -n "$why" ] && result=FAIL
     echo "LIBVIRT-PPC64 mode=$mode result=$result seconds=$(since "$t_mode")$result_detail${why:+ why=\"$why\"}"
 done
+
+# The systemd units libvirt-install put in place, for a sidecar without libvirt: systemd makes the
+# socket for QEMU's user and starts the sidecar as its own user, sandboxed, on the first connection.
+step host units 120
+why=""
+unit=tce-sidecar@unit-check
+sock=/run/tce-sidecar/unit-check.sock
+systemctl daemon-reload
+systemctl start $unit.socket 2>&1 | sed 's/^/L1: /' || true
+socket_owner=$(stat -c '%U:%a' $sock 2>/dev/null)
+[ "$socket_owner" = libvirt-qemu:600 ] || fail "the socket is ${socket_owner:-missing}, not libvirt-qemu:600"
+runuser -u libvirt-qemu -- /opt/lab/tce-sidecar status --socket-path $sock >/tmp/unit-status.json \
+    2>/tmp/unit-status.err || fail "status as libvirt-qemu: $(tail -n 1 /tmp/unit-status.err)"
+main=$(systemctl show -p MainPID --value $unit.service)
+service_user=$(ps -o user= -p "$main" 2>/dev/null | tr -d ' ')
+[ "$service_user" = tce-sidecar ] || fail "the service runs as ${service_user:-nothing}, not tce-sidecar"
+no_new_privs=$(awk '/^NoNewPrivs:/ { print $2 }' /proc/"$main"/status 2>/dev/null)
+[ "$no_new_privs" = 1 ] || fail "the service has NoNewPrivs ${no_new_privs:-unknown}"
+root_refused=no
+/opt/lab/tce-sidecar status --socket-path $sock >/dev/null 2>&1 || root_refused=yes
+[ $root_refused = yes ] || fail "the service answered root, whose uid --allow-uid does not name"
+systemctl stop $unit.service $unit.socket 2>&1 | sed 's/^/L1: /'
+[ -e $sock ] && fail "the socket outlived its unit"
+systemctl is-active --quiet $unit.service && fail "the service still runs"
+[ -n "$why" ] && journalctl -b -u $unit.service --no-pager -n 10 2>&1 | sed 's/^/L1:   unit: /'
+echo "LIBVIRT-PPC64 units result=$([ -z "$why" ] && echo PASS || echo FAIL) socket=$socket_owner service_user=${service_user:-none} no_new_privs=${no_new_privs:-none} root_refused=$root_refused${why:+ why=\"$why\"}"
 
 # the emulated host's kernel: no WARN, no seccomp kill
 kills=$(dmesg | grep -c 'audit: type=1326')

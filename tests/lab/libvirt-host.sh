@@ -228,6 +228,7 @@ failed=0
 summary_line "$LOG" "LIBVIRT-PPC64 stage=boot" >/dev/null || failed=1
 if [ "$STAGE" = domain ]; then
     for m in $MODES; do summary_line "$LOG" "LIBVIRT-PPC64 mode=$m" >/dev/null || failed=1; done
+    summary_line "$LOG" "LIBVIRT-PPC64 units" >/dev/null || failed=1
     summary_line "$LOG" "LIBVIRT-PPC64 kernel" >/dev/null || failed=1
 fi
 end_boot "$LOG" "the libvirt host" "$failed" "LIBVIRT-PPC64 kernel WARN in L1's log:" || exit 1

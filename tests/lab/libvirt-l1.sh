@@ -1,5 +1,5 @@
 #!/bin/bash
-# PROTOTYPE: lab.service in L1 of tests/lab/libvirt-host.sh (a Debian ppc64el host with systemd and
+# lab.service in L1 of tests/lab/libvirt-host.sh (a Debian ppc64el host with systemd and
 # libvirt in the emulated POWER9). Its output is L1's console; the host powers off when it ends.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 STAGE=$(cat /opt/lab/stage)

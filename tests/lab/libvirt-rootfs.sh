@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# PROTOTYPE (not wired into tests/run-all.sh): the root filesystem of a Debian ppc64el host with
-# systemd and libvirt, for the emulated POWER9 of tests/lab/libvirt-host.sh. Made once per suite,
-# package list, kernel and this script's customisation, and cached as an ext4 image:
+# The root filesystem of a Debian ppc64el host with systemd and libvirt, for the emulated POWER9
+# of tests/lab/libvirt-host.sh. Made once per suite, package list, kernel and this script's
+# customisation, and cached as an ext4 image:
 #
 #   $CACHE/libvirt-rootfs-<suite>-<hash>/rootfs.ext4     (sparse, 2 GiB; booted with snapshot=on)
 #
