@@ -71,14 +71,7 @@ fn send_request(sock: &UnixStream, request: &Request, fds: &[&OwnedFd]) {
 }
 
 fn receive(sock: &UnixStream) -> Result<Incoming, DecodeError> {
-    let frame = recv_frame(sock, false).unwrap();
-    decode_request(
-        &frame.header,
-        &frame.payload,
-        frame.fds,
-        frame.fd_problem,
-        FdRule::Every,
-    )
+    decode(recv_frame(sock, false).unwrap())
 }
 
 #[test]

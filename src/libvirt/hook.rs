@@ -90,6 +90,15 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
+/// Creates `dir` and its parents with `mode`, if missing.
+fn create_dir(dir: &Path, mode: u32) -> Result<(), String> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io(format!("cannot create {}", dir.display())))
+}
+
 fn start(domain: &Domain, mode: OwnershipMode, config: &HookConfig) -> Result<(), String> {
     let fail = |why: String| format!("cannot start the sidecar of domain {}: {why}", domain.name);
     let instance = Instance::of(domain, config);
@@ -101,12 +110,7 @@ fn start(domain: &Domain, mode: OwnershipMode, config: &HookConfig) -> Result<()
     if let Some(pid) = running(&instance, uid) {
         return Err(fail(format!("one already runs (pid {pid})")));
     }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&config.socket_dir)
-        .map_err(io(format!("cannot create {}", config.socket_dir.display())))
-        .map_err(fail)?;
+    create_dir(&config.socket_dir, 0o755).map_err(fail)?;
     // The socket is made here, as root, for QEMU's user alone; the sidecar inherits it.
     let listener = crate::daemon::bind(&instance.socket)
         .map_err(|e| format!("cannot create its socket: {e}"))
@@ -120,12 +124,7 @@ fn start(domain: &Domain, mode: OwnershipMode, config: &HookConfig) -> Result<()
         .map_err(|e| fail(format!("cannot give {} to uid {uid}: {e}", path.display())))
     };
     chown(&instance.socket, qemu_uid, qemu_gid)?;
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(&config.log_dir)
-        .map_err(io(format!("cannot create {}", config.log_dir.display())))
-        .map_err(fail)?;
+    create_dir(&config.log_dir, 0o750).map_err(fail)?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)
