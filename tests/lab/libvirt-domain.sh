@@ -166,7 +166,7 @@ one_start() {
     [ "$mode" = accelerated ] && boot=300
     if wait_console "$c" boot-l2 $boot '^L2-BOOTED' && wait_console "$c" network 120 '^L2-NETWORK' &&
         wait_console "$c" download $((60 + BYTES / 16384)) '^L2-DONE'; then
-        got=$(sed -n 's/^L2-TRANSFER bytes=\([0-9]*\).*/\1/p' "$CONSOLE_DIR/$dom.log" | tr -d '\r')
+        got=$(sed -n 's/^L2-TRANSFER .*bytes=\([0-9]*\).*/\1/p' "$CONSOLE_DIR/$dom.log" | tr -d '\r')
         secs=$(sed -n 's/^L2-TRANSFER .*seconds=\([0-9.]*\).*/\1/p' "$CONSOLE_DIR/$dom.log" | tr -d '\r')
         [ "$got" = "$BYTES" ] || fail "$c: L2 received ${got:-nothing} of $BYTES bytes"
         lq=$(vmlck_of "$qp")

@@ -147,29 +147,7 @@ EOF
     busybox_root "$R2" sh mount insmod cat echo grep sed awk cut tr ls sleep kill poweroff dmesg \
         tail head ip wget stat rm
     copy_module "$R2" e1000e
-    cat >"$R2/init" <<'EOF'
-#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo "L2-BOOTED"
-for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "L2: insmod $m failed"; done
-arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
-i=0
-while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
-echo "L2-NETWORK carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) after=${i}s"
-t0=$(cut -d' ' -f1 /proc/uptime)
-wget -q -O /tmp/blob "http://10.0.2.2:$(arg NESTED_PORT)/blob"
-t1=$(cut -d' ' -f1 /proc/uptime)
-echo "L2-TRANSFER bytes=$(stat -c %s /tmp/blob) seconds=$(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.2f", b - a }')"
-rm -f /tmp/blob
-echo "L2-DONE"
-sleep 100000
-EOF
+    cp tests/lab/l2-init.sh "$R2/init"
     chmod +x "$R2/init"
     (cd "$R2" && find . | cpio -o -H newc --quiet | gzip -1 >"$P/opt/lab/l2/initrd.gz")
 fi
