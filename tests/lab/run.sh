@@ -4,7 +4,7 @@
 # QEMU TCG on each machine below, against a real KVM and a real VFIO group (an emulated
 # e1000e/e1000 bound to vfio-pci).
 #
-# In the guest, examples/lab_frontend.rs plays QEMU (the VM's creator) as root and runs the real
+# In the guest, examples/lab_frontend/ plays QEMU (the VM's creator) as root and runs the real
 # `tce-sidecar --kernel linux` as a separate process as an unprivileged user (uid 65534 in group
 # kvm, with a locked-memory limit for isolated mode and `--allow-uid 0`), in accelerated then
 # isolated mode (tests/lab/scenario.rs). Each session's worker must be confined (Seccomp 2,

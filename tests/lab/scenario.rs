@@ -1,5 +1,5 @@
 //! The lab scenario: QEMU's part of one sidecar session, written once and played on a VM of the
-//! real kernel (`examples/lab_frontend.rs`, inside the lab's ppc64le guest) or of the model
+//! real kernel (`examples/lab_frontend/`, inside the lab's ppc64le guest) or of the model
 //! kernel (`tests/lab_on_model.rs`), with the same guest workload, so that the two kernels can
 //! be compared result for result and count for count.
 //!
