@@ -4,18 +4,23 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-use std::sync::{mpsc, Arc};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use common::{model_front_end, registered_left_at_end, sessions, wait_until, Sidecar, IO_TIMEOUT};
+use common::{
+    model_front_end, model_front_end_with, registered_left_at_end, sessions, wait_until, Sidecar,
+    IO_TIMEOUT,
+};
 use tce_sidecar::client::model_vm::{GuestTable, ModelVm};
 use tce_sidecar::client::Client;
-use tce_sidecar::kernel::model::{HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE};
-use tce_sidecar::kernel::OwnershipMode;
+use tce_sidecar::kernel::model::{
+    eeh_op, HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE, VFIO_EEH_PE_STATE_NORMAL,
+};
+use tce_sidecar::kernel::{ContainerId, Errno, Kernel, KernelOp, Objects, Output, OwnershipMode};
 use tce_sidecar::protocol::{
-    decode_reply, encode_request, recv_frame, send_frame, FdRule, GroupDesc, OpKind, Request,
-    TableDesc, TceEntries, TceUpdate, FEATURE_FDS_BY_MODE,
+    decode_reply, encode_request, recv_frame, send_frame, EehRequest, FdRule, GroupDesc, OpKind,
+    Request, TableDesc, TceEntries, TceUpdate, FEATURE_EEH, FEATURE_FDS_BY_MODE,
 };
 
 /// Guest RAM per VM. Small: every VM of this process shares one mm and its 8 MiB memlock limit
@@ -334,4 +339,117 @@ fn front_end_gone_mid_transaction_session_torn_down_other_keeps_working() {
     assert_eq!(left.len(), 1, "{status}");
     assert_eq!(left[0]["counters"]["updates_forwarded"], 2);
     assert_eq!(left[0]["phase"], "ready");
+}
+
+/// The front-end's kernel backend, recording each owner operation it is asked to execute.
+struct Recording {
+    inner: Box<dyn Kernel + Send>,
+    log: Arc<Mutex<Vec<KernelOp>>>,
+}
+
+impl Kernel for Recording {
+    fn execute(&mut self, op: &KernelOp, objects: &dyn Objects) -> Result<Output, Errno> {
+        self.log.lock().unwrap().push(*op);
+        self.inner.execute(op, objects)
+    }
+
+    fn memory_mapped(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        addr: u64,
+        size: u64,
+    ) -> Result<(), Errno> {
+        self.inner.memory_mapped(fd, offset, addr, size)
+    }
+
+    fn memory_unmapped(&mut self, addr: u64) -> Result<(), Errno> {
+        self.inner.memory_unmapped(addr)
+    }
+
+    fn is_tce_table(&mut self, fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+        self.inner.is_tce_table(fd)
+    }
+}
+
+/// A guest's EEH recovery as QEMU's RTAS handlers turn it into EEH_OP requests
+/// (ibm,set-eeh-option, ibm,read-slot-reset-state2, ibm,set-slot-reset hot then deactivate,
+/// ibm,configure-pe, and the state again) reaches the PE in both modes: in accelerated mode the
+/// front-end executes exactly one EEH_PE_OP per request, the one requested, on the request's
+/// container; in isolated mode the sidecar makes each call itself and the front-end none. The
+/// PE's state is what the kernel reports (normal).
+#[test]
+fn eeh_recovery_reaches_the_pe_in_both_modes() {
+    let sidecar = Sidecar::start("eeh", &[]);
+    let recovery = [
+        eeh_op::ENABLE,
+        eeh_op::GET_STATE,
+        eeh_op::RESET_HOT,
+        eeh_op::RESET_DEACTIVATE,
+        eeh_op::CONFIGURE,
+        eeh_op::GET_STATE,
+    ];
+    for (mode, iommu_group) in [
+        (OwnershipMode::Accelerated, 1),
+        (OwnershipMode::Isolated, 2),
+    ] {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let recorded = log.clone();
+        let (_vm, mut client) = model_front_end_with(
+            &sidecar,
+            mode,
+            FEATURE_FDS_BY_MODE | FEATURE_EEH,
+            iommu_group,
+            RAM,
+            move |inner| {
+                Box::new(Recording {
+                    inner,
+                    log: recorded,
+                })
+            },
+        );
+        assert_ne!(
+            client.features() & FEATURE_EEH,
+            0,
+            "{mode:?}: EEH negotiated"
+        );
+        for op in recovery {
+            log.lock().unwrap().clear();
+            let result = client
+                .eeh(EehRequest {
+                    container_id: CONTAINER,
+                    op,
+                    err_type: 0,
+                    err_func: 0,
+                    err_addr: 0,
+                    err_mask: 0,
+                })
+                .unwrap_or_else(|e| panic!("{mode:?}: EEH_OP {op}: {e}"));
+            assert_eq!(
+                result,
+                if op == eeh_op::GET_STATE {
+                    VFIO_EEH_PE_STATE_NORMAL as i32
+                } else {
+                    0
+                },
+                "{mode:?}: EEH_OP {op}"
+            );
+            let executed = log.lock().unwrap().clone();
+            match mode {
+                OwnershipMode::Accelerated => assert_eq!(
+                    executed,
+                    [KernelOp::EehPeOp {
+                        container: ContainerId(CONTAINER),
+                        op,
+                        err_type: 0,
+                        err_func: 0,
+                        err_addr: 0,
+                        err_mask: 0,
+                    }],
+                    "EEH_OP {op}"
+                ),
+                OwnershipMode::Isolated => assert!(executed.is_empty(), "{executed:?}"),
+            }
+        }
+    }
 }

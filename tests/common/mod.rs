@@ -485,6 +485,24 @@ pub fn model_front_end(
     tce_sidecar::client::model_vm::ModelVm,
     tce_sidecar::client::Client,
 ) {
+    model_front_end_with(sidecar, mode, extra_features, iommu_group, ram, |k| k)
+}
+
+/// [`model_front_end`], the front-end's kernel backend being what `wrap` makes of the model's
+/// (to watch the owner operations it executes, say).
+pub fn model_front_end_with(
+    sidecar: &Sidecar,
+    mode: tce_sidecar::kernel::OwnershipMode,
+    extra_features: u64,
+    iommu_group: u32,
+    ram: u64,
+    wrap: impl FnOnce(
+        Box<dyn tce_sidecar::kernel::Kernel + Send>,
+    ) -> Box<dyn tce_sidecar::kernel::Kernel + Send>,
+) -> (
+    tce_sidecar::client::model_vm::ModelVm,
+    tce_sidecar::client::Client,
+) {
     use std::os::fd::AsFd;
     let mut vm = tce_sidecar::client::model_vm::ModelVm::create(&sidecar.model_socket)
         .expect("create a VM on the model");
@@ -494,7 +512,7 @@ pub fn model_front_end(
         &sidecar.socket,
         mode,
         extra_features,
-        Box::new(kernel),
+        wrap(Box::new(kernel)),
         Some(vm.kvm_vfio_device().unwrap()),
     )
     .expect("connect and negotiate");
