@@ -1,9 +1,9 @@
 #!/bin/sh
 # init of L1 in tests/lab/nested.sh: the emulated POWER9 host. Binds the e1000e (and a second one,
 # which L0 adds for hostile-cross) to vfio-pci, then
-# for each case named in NESTED_CASES runs the real tce-sidecar and the patched QEMU, whose KVM
-# guest (L2) downloads a file through the passed-through NIC, and prints one `NESTED mode=…
-# result=…` line.
+# for each case named in NESTED_CASES runs the real tce-sidecar and the patched QEMU (or, in the
+# stock cases, the unpatched QEMU alone, with its own in-process VFIO), whose KVM guest (L2)
+# downloads a file through the passed-through NIC, and prints one `NESTED mode=… result=…` line.
 #
 # Every step of a case has its own deadline (tests/lab/boots.sh says how they are announced):
 # sized from what the step does, several times what it takes on the machines the README's figures
@@ -59,11 +59,13 @@ STOPPED_SECONDS=60
 DOWNLOAD_SECONDS=$((60 + BYTES / (16 * 1024)))
 
 uptime_s() { cut -d. -f1 /proc/uptime; }
-vmlck() { awk '/^VmLck:/ { print $2 }' /proc/$1/status; }
-# VmLck of the sidecar and of its workers (its children, one per session), in kB
-sidecar_vmlck() {
-    cat /proc/[0-9]*/status 2>/dev/null | awk -v p="$sc" '
-        /^Name:/ { pid = "" } /^Pid:/ { pid = $2 } /^PPid:/ { pp[pid] = $2 } /^VmLck:/ { l[pid] = $2 }
+# proc_kb PID FIELD: FIELD (VmRSS, VmLck) of PID's /proc status, in kB
+proc_kb() { awk -v f="$2:" '$1 == f { print $2 }' /proc/$1/status; }
+# sidecar_kb FIELD: the sum of FIELD (VmRSS, VmLck) over the sidecar and its workers (its
+# children, one per session), in kB
+sidecar_kb() {
+    cat /proc/[0-9]*/status 2>/dev/null | awk -v p="$sc" -v f="$1:" '
+        /^Name:/ { pid = "" } /^Pid:/ { pid = $2 } /^PPid:/ { pp[pid] = $2 } $1 == f { l[pid] = $2 }
         END { t = 0; for (i in l) if (i == p || pp[i] == p) t += l[i]; print t }'
 }
 # the pids of the sidecar's workers (its children, one per session)
@@ -146,30 +148,68 @@ start_sidecar() {
     done
 }
 
+# serial_reader: L2's console, from the FIFO QEMU writes it to (/tmp/l2.out), appended to
+# /tmp/l2.log line by line; every L2-* line is also appended to /tmp/l2.at after L1's uptime (in
+# centiseconds, as /proc/uptime has it) at its arrival. Only shell builtins run per line, and the
+# reader blocks on the FIFO rather than polling it, so a moment of L2's (network_ms) is measured
+# to the centisecond, not to the await loop's second.
+serial_reader() {
+    while IFS= read -r line || [ -n "$line" ]; do
+        read -r up _ </proc/uptime
+        printf '%s\n' "$line" >>/tmp/l2.log
+        case $line in L2-*) printf '%s %s\n' "$up" "$line" >>/tmp/l2.at ;; esac
+    done </tmp/l2.out
+}
+
 # start_qemu MODE GUEST_ARGS [SOCKET [QEMU_ARGS]]: the L2 guest with the NIC on a sidecar-backed
-# container, the sidecar reached at SOCKET (default /tmp/sc.sock), QEMU_ARGS added; sets qp.
+# container, the sidecar reached at SOCKET (default /tmp/sc.sock), QEMU_ARGS added; sets qp, rp
+# (serial_reader) and qemu_started (L1's uptime when QEMU was started). MODE stock: the unpatched
+# QEMU (/qemu/bin/qemu-system-ppc64-stock) with the NIC on its own VFIO container, no sidecar.
 # A restarted sidecar is back within seconds; reconnect-attempts=$RECONNECT_SECONDS (1 s apart)
 # keeps the reconnection case within its deadline rather than within the default 10 s. The
 # default DMA window is 128 MiB (32768 entries), not 1 GiB: ample for the NIC's buffers, and L2's
 # kernel clears the whole window at boot, which in isolated mode is a round trip to the sidecar
 # per entry.
 start_qemu() {
-    # shellcheck disable=SC2086 # QEMU_ARGS are words
-    /qemu/bin/qemu-system-ppc64 -L /qemu/share \
+    q_mode=$1
+    q_guest=$2
+    q_socket=${3:-/tmp/sc.sock}
+    q_extra=$4
+    if [ "$q_mode" = stock ]; then
+        q_bin=/qemu/bin/qemu-system-ppc64-stock
+        set -- -device vfio-pci,host=$B -trace 'vfio_spapr_*' -trace 'vfio_prereg_*'
+    else
+        q_bin=/qemu/bin/qemu-system-ppc64
+        # shellcheck disable=SC2086 # QEMU_ARGS are words
+        set -- -object spapr-tce-sidecar,id=sc0,path=$q_socket,mode=$q_mode,reconnect-attempts=$RECONNECT_SECONDS \
+            -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 $q_extra \
+            -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*'
+    fi
+    rm -f /tmp/l2.in /tmp/l2.out
+    mkfifo /tmp/l2.in /tmp/l2.out
+    serial_reader &
+    rp=$!
+    read -r qemu_started _ </proc/uptime
+    $q_bin -L /qemu/share \
         -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
         -object memory-backend-memfd,id=ram0,size=256M,share=on \
-        -object spapr-tce-sidecar,id=sc0,path=${3:-/tmp/sc.sock},mode=$1,reconnect-attempts=$RECONNECT_SECONDS \
         -global spapr-pci-host-bridge.dma_win_size=0x8000000 \
-        -nographic -nodefaults -monitor none -serial file:/tmp/l2.log \
+        -nographic -nodefaults -monitor none -serial pipe:/tmp/l2 \
         -qmp unix:/tmp/qmp.sock,server=on,wait=off \
         -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $2" \
-        -device vfio-pci,host=$B,spapr-tce-sidecar=sc0 $4 \
+        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $q_guest" \
+        "$@" \
         -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
         -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
-        -trace 'spapr_iommu_pci_stuff' -trace 'vfio_sidecar_*' -trace 'vfio_spapr_*' \
+        -trace 'spapr_iommu_pci_stuff' \
         >/tmp/q.log 2>&1 &
     qp=$!
+}
+
+# network_ms: the milliseconds from QEMU's start to L2's L2-NETWORK line (serial_reader's
+# stamps, both from L1's /proc/uptime), or nothing if it never came
+network_ms() {
+    awk -v s="$qemu_started" '$2 == "L2-NETWORK" { printf "%d", ($1 - s) * 1000 + 0.5; exit }' /tmp/l2.at
 }
 
 transfer_bytes() {
@@ -208,17 +248,29 @@ start_proxy() {
 }
 
 # begin CASE MODE GUEST_ARGS [QEMU_ARGS]: fresh logs, a sidecar (for hostile-cross with the proxy in
-# front of it), the guest booted with its network up. Returns 1 (with why set) if a step failed.
+# front of it; none for MODE stock), the guest booted with its network up. Returns 1 (with why
+# set) if a step failed.
 begin() {
     : >/tmp/l2.log
+    : >/tmp/l2.at
     : >/tmp/sc.log
     : >/tmp/status.json
     : >/tmp/proxy.log
     why=""
     qp=""
+    rp=""
     pp=""
+    sc=""
     lck_qemu=""
     lck_sidecar=""
+    rss_qemu=""
+    rss_sidecar=""
+    if [ $2 = stock ]; then
+        start_qemu stock "$3"
+        await $1 boot-l2 $L2_BOOT_SECONDS '^L2-BOOTED' /tmp/l2.log &&
+            await $1 guest-network $NETWORK_SECONDS '^L2-NETWORK' /tmp/l2.log
+        return
+    fi
     start_sidecar $1 || return 1
     socket=/tmp/sc.sock
     if [ $1 = hostile-cross ]; then
@@ -232,11 +284,24 @@ begin() {
         await $1 guest-network $NETWORK_SECONDS '^L2-NETWORK' /tmp/l2.log
 }
 
-# end CASE: stops what still runs of QEMU, the proxy and the sidecar
+# end CASE: stops what still runs of QEMU, the proxy and the sidecar; once QEMU is gone, its
+# serial_reader reads the rest of the FIFO and ends (it is killed if it has not 10 s later: a QEMU
+# that never opened the FIFO)
 end() {
     [ -n "$qp" ] && kill -0 $qp 2>/dev/null && stop $1 qemu $qp
     [ -n "$pp" ] && kill -0 $pp 2>/dev/null && stop $1 proxy $pp
-    kill -0 $sc 2>/dev/null && stop $1 sidecar $sc
+    [ -n "$sc" ] && kill -0 $sc 2>/dev/null && stop $1 sidecar $sc
+    if [ -n "$rp" ]; then
+        i=0
+        while kill -0 $rp 2>/dev/null && [ $i -lt 10 ]; do
+            sleep 1
+            i=$((i + 1))
+        done
+        kill $rp 2>/dev/null
+        wait $rp 2>/dev/null
+        rp=""
+    fi
+    return 0
 }
 
 # verdict CASE DETAIL: the case's summary line
@@ -251,47 +316,75 @@ verdict() {
     [ $result = FAIL ] && report_failure $1
 }
 
-# run_transfer NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode.
+# run_transfer NAME MODE GUEST_ARGS: NAME names the summary line, MODE is the sidecar's mode, or
+# stock for the unpatched QEMU without a sidecar. Measured in every one: the download's
+# throughput, the time from QEMU's start to L2's network (network_ms), and, while the VM runs
+# after the download, the RSS and VmLck of QEMU and of the sidecar (listener and workers).
 run_transfer() {
     name=$1
     mode=$2
     guest_args=$3
+    sandboxed=0
+    [ $mode = stock ] && sandboxed=none
     if begin $name $mode "$guest_args" && await $name download $DOWNLOAD_SECONDS '^L2-DONE' /tmp/l2.log; then
-        /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
-        lck_qemu=$(vmlck $qp)
-        lck_sidecar=$(sidecar_vmlck)
-        sandboxed=0
-        for w in $(sidecar_workers); do
-            if grep -q '^Seccomp:[[:space:]]*2$' /proc/$w/status &&
-                grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/$w/status; then
-                sandboxed=$((sandboxed + 1))
-            else
-                fail "worker $w serves without its sandbox"
-            fi
-        done
-        [ "$sandboxed" -ge 1 ] || fail "no worker serves QEMU's session"
+        rss_qemu=$(proc_kb $qp VmRSS)
+        lck_qemu=$(proc_kb $qp VmLck)
+        if [ $mode != stock ]; then
+            /tce-sidecar status --socket-path /tmp/sc.sock >/tmp/status.json 2>&1
+            rss_sidecar=$(sidecar_kb VmRSS)
+            lck_sidecar=$(sidecar_kb VmLck)
+            for w in $(sidecar_workers); do
+                if grep -q '^Seccomp:[[:space:]]*2$' /proc/$w/status &&
+                    grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/$w/status; then
+                    sandboxed=$((sandboxed + 1))
+                else
+                    fail "worker $w serves without its sandbox"
+                fi
+            done
+            [ "$sandboxed" -ge 1 ] || fail "no worker serves QEMU's session"
+        fi
     fi
     end $name
+    net_ms=$(network_ms)
     transfer=$(grep -m1 '^L2-TRANSFER name=first ' /tmp/l2.log | tr -d '\r')
     got=$(echo "$transfer" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p')
     secs=$(echo "$transfer" | sed -n 's/.* seconds=\([0-9.]*\).*/\1/p')
     rate=$(awk -v b="${got:-0}" -v s="${secs:-0}" 'BEGIN { if (s > 0) printf "%d", b / 1024 / s; else print 0 }')
     fallbacks=$(count 'spapr_iommu_(pci_)?(put|indirect|stuff) ')
     qemu_updates=$(count 'vfio_sidecar_tce_update ')
-    windows=$(count 'vfio_sidecar_window_create ')
+    if [ $mode = stock ]; then
+        windows=$(count 'vfio_spapr_create_window ')
+    else
+        windows=$(count 'vfio_sidecar_window_create ')
+    fi
     sc_updates=$(status_field updates_forwarded)
     sc_maps=$(status_field maps)
     [ "$got" = "$BYTES" ] || fail "L2 received ${got:-nothing} of $BYTES bytes"
-    [ "$qemu_updates" = "${sc_updates:-x}" ] ||
-        fail "QEMU forwarded $qemu_updates updates, the sidecar counted ${sc_updates:-none}"
+    [ -n "$net_ms" ] || fail "no L2-NETWORK line"
+    if [ $mode != stock ]; then
+        [ "$qemu_updates" = "${sc_updates:-x}" ] ||
+            fail "QEMU forwarded $qemu_updates updates, the sidecar counted ${sc_updates:-none}"
+    fi
     case $guest_args in
     *disable_ddw*) want_windows=1 ;;
     *) want_windows=2 ;;
     esac
+    via="through the sidecar"
+    [ $mode = stock ] && via="by QEMU's VFIO"
     [ "$windows" -ge $want_windows ] ||
-        fail "$windows windows created through the sidecar, expected $want_windows"
+        fail "$windows windows created $via, expected $want_windows"
     if [ $mode = accelerated ]; then
         # the guest's TCE hypercalls complete in L1's KVM; only H_TOO_HARD ones reach QEMU
+        [ "$fallbacks" -le 16 ] || fail "$fallbacks hypercalls reached QEMU"
+        [ "${lck_qemu:-0}" -ge 262144 ] || fail "QEMU VmLck ${lck_qemu} kB < guest RAM"
+    elif [ $mode = stock ]; then
+        # QEMU's own VFIO container. L1's KVM has KVM_CAP_SPAPR_TCE_VFIO, so QEMU leaves each
+        # window's TCE table in KVM and attaches it to the group (KVM_DEV_VFIO_GROUP_SET_SPAPR_TCE,
+        # traced as vfio_spapr_group_attach): the guest's TCE hypercalls complete in L1's KVM, in
+        # the 4K window as with the DDW, and only H_TOO_HARD ones reach QEMU. QEMU preregisters
+        # guest RAM (VFIO_IOMMU_SPAPR_REGISTER_MEMORY), which counts in its VmLck.
+        attached=$(count 'vfio_spapr_group_attach ')
+        [ "$attached" -ge 1 ] || fail "QEMU attached no TCE table to the group in KVM"
         [ "$fallbacks" -le 16 ] || fail "$fallbacks hypercalls reached QEMU"
         [ "${lck_qemu:-0}" -ge 262144 ] || fail "QEMU VmLck ${lck_qemu} kB < guest RAM"
     else
@@ -300,7 +393,13 @@ run_transfer() {
         [ "${lck_sidecar:-0}" -ge 262144 ] || fail "sidecar VmLck ${lck_sidecar} kB < guest RAM"
         [ "${lck_qemu:-0}" -lt 262144 ] || fail "QEMU VmLck ${lck_qemu} kB holds guest RAM"
     fi
-    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows vmlck_qemu_kb=${lck_qemu:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=${sandboxed:-0}"
+    if [ $name = isolated ]; then
+        # in the 4K window each H_PUT_TCE is one TCE_UPDATE: QEMU sends no more than 10% more
+        # requests than it handled hypercalls
+        [ $((qemu_updates * 10)) -le $((fallbacks * 11)) ] ||
+            fail "QEMU sent $qemu_updates TCE_UPDATE requests for $fallbacks hypercalls (more than 1.1 x)"
+    fi
+    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate network_ms=${net_ms:-none} hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows rss_qemu_kb=${rss_qemu:-none} vmlck_qemu_kb=${lck_qemu:-none} rss_sidecar_kb=${rss_sidecar:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=$sandboxed"
 }
 
 # qmp_status: query-status on L1's QEMU; sets qmp_ms (the round trip) and vm_status
@@ -446,14 +545,26 @@ run_hostile_cross() {
 }
 
 # accelerated and isolated: the guest maps every DMA buffer with H_PUT_TCE in its default 4K
-# window (disable_ddw), the hypercalls the seed moved into the kernel; accelerated-ddw: the guest's
-# 64-bit DDW (created through ibm,create-pe-dma-window and the sidecar), which Linux maps all at
-# once; *-kill: the sidecar dies during a download; isolated-stop: the sidecar is stopped
-# (SIGSTOP) during a download, then continued.
+# window (disable_ddw), the hypercalls the seed moved into the kernel; accelerated-ddw and
+# isolated-ddw: the guest's 64-bit DDW (created through ibm,create-pe-dma-window and the sidecar),
+# which Linux maps all at once; stock and stock-ddw: the same guest, NIC and download under the
+# unpatched QEMU (its own VFIO container, in-process; no sidecar), in the 4K window and with the
+# DDW, the baselines of the comparison nested.sh prints; *-kill: the sidecar dies during a
+# download; isolated-stop: the sidecar is stopped (SIGSTOP) during a download, then continued.
 for c in $CASES; do
     case $c in
     accelerated | isolated) run_transfer $c $c disable_ddw ;;
     accelerated-ddw) run_transfer $c accelerated "" ;;
+    isolated-ddw) run_transfer $c isolated "" ;;
+    stock | stock-ddw)
+        if [ ! -x /qemu/bin/qemu-system-ppc64-stock ]; then
+            echo "NESTED mode=$c result=FAIL why=\"no stock QEMU in L1 (nested.sh leaves the case out then)\""
+        elif [ $c = stock ]; then
+            run_transfer $c stock disable_ddw
+        else
+            run_transfer $c stock ""
+        fi
+        ;;
     accelerated-kill) run_fault accelerated kill ;;
     isolated-kill) run_fault isolated kill ;;
     isolated-stop) run_fault isolated stop ;;

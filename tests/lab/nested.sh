@@ -5,24 +5,37 @@
 #   L0  this machine's qemu-system-ppc64 -M powernv9 (TCG), an e1000e on -netdev user (and, in the
 #       boot of hostile-cross, a second one on another PHB)
 #   L1  the Debian ppc64el 6.12 kernel; kvm-hv, vfio-pci; the e1000e bound to vfio-pci; the static
-#       ppc64le tce-sidecar and the cross-built patched QEMU (qemu-patches/check builds it)
+#       ppc64le tce-sidecar, the cross-built patched QEMU and the cross-built stock QEMU 11.1.1
+#       (qemu-patches/check builds both)
 #   L2  a KVM-HV pseries guest started by that QEMU with
 #         -object spapr-tce-sidecar,mode=M -device vfio-pci,host=…,spapr-tce-sidecar=…
 #       which loads e1000e and downloads a file over HTTP from a server on this machine, so the
 #       NIC's DMA goes through the guest's TCE tables.
+#
+# The cases (nested-l1.sh): accelerated and isolated in the guest's 4K default window,
+# accelerated-ddw and isolated-ddw with its 64-bit DDW; stock and stock-ddw, the same guest, NIC and
+# download under the stock QEMU (-device vfio-pci,host=… alone: its own in-process VFIO), the
+# baselines; accelerated-kill, isolated-kill and isolated-stop, a fault during the download; and
+# hostile-cross. Without the stock QEMU's build, a "SKIP:" line says so and the stock cases are
+# left out of the boots.
 #
 # hostile-cross puts a hostile proxy (lab_frontend cross-proxy) between that QEMU and the sidecar
 # and the second NIC on a second PHB of L2: the proxy makes the second container's
 # KVM_SET_SPAPR_TCE name the first container's group, which QEMU must refuse (nested-l1.sh). It
 # runs in a boot of its own, where one kernel warning is expected (boot_l1).
 #
-# Output: one line per case, `NESTED mode=<m> result=<PASS|FAIL> …` with the counts, the
-# throughput ratio accelerated/isolated, and the full console log when a line fails. Exits non-zero
-# if any line FAILs; exits 0 after one "SKIP: ..." line if a part cannot be set up here.
+# Output: one line per case, `NESTED mode=<m> result=<PASS|FAIL> …` with the counts (in the
+# download cases also kib_per_s, network_ms from QEMU's start to L2's network, and the RSS and
+# VmLck of QEMU and of the sidecar after the download), the throughput ratio accelerated/isolated,
+# then `NESTED ratio A/B (…): throughput … network_time … rss_qemu …` for accelerated/stock,
+# accelerated-ddw/stock-ddw, isolated-ddw/stock-ddw and isolated/accelerated (reported, never
+# asserted; from the PASS lines), and the full console log when a line fails. Exits non-zero if
+# any line FAILs; exits 0 after one "SKIP: ..." line if a part cannot be set up here.
 #
 # The cases are grouped into boots of L1, each in a CPU slot of its own (tests/lab/boots.sh), so
-# that two boots run at once on two CPUs. Every step of a case has its own deadline
-# (nested-l1.sh), and a step that runs out is named in its case's line.
+# that two boots run at once on two CPUs. A stock case runs in the boot of the sidecar cases it is
+# compared with, so that both lines come from the same conditions. Every step of a case has its
+# own deadline (nested-l1.sh), and a step that runs out is named in its case's line.
 #
 # Environment: NESTED_BOOTS (the boots, each a comma-separated list of cases; default below),
 # NESTED_BOOT_SECONDS (deadline from L0's start to L1's init, 10-12 s here; default 120),
@@ -31,7 +44,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-BOOTS=${NESTED_BOOTS:-accelerated,accelerated-ddw,accelerated-kill,isolated-stop isolated,isolated-kill hostile-cross}
+# Three boots, two at a time: the second and third (hostile-cross, in a boot of its own) share a
+# CPU slot while the first takes the other. The first holds the stock cases and the sidecar cases
+# they are compared with; under TCG here a download case with its L2 boot takes 20-25 s, isolated
+# 55-60 s (its 4K download is slow), a fault case 25 s (isolated-stop 60 s), a boot of L1 8 s, so
+# the first boot takes about 170 s and the other two about 165 s together.
+BOOTS=${NESTED_BOOTS:-stock,accelerated,stock-ddw,accelerated-ddw,isolated-ddw,accelerated-kill,isolated-kill isolated,isolated-stop hostile-cross}
 BOOT_SECONDS=${NESTED_BOOT_SECONDS:-120}
 MIB=${NESTED_MIB:-8}
 TARGET=powerpc64le-unknown-linux-gnu
@@ -40,6 +58,8 @@ CACHE=${TCE_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-lab}
 QEMU_VERSION=$(sed -n 's/^QEMU_VERSION=//p' qemu-patches/check)
 QCACHE=${TCE_SIDECAR_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tce-sidecar-qemu}/$QEMU_VERSION
 QEMU_L1=$QCACHE/qemu/build-ppc64le/qemu-system-ppc64
+# the unpatched base, built by qemu-patches/check in a worktree at the base tag
+QEMU_STOCK=$QCACHE/qemu-stock/build-ppc64le/qemu-system-ppc64
 SYSROOT=$QCACHE/ppc64el/sysroot
 start=$(date +%s)
 
@@ -65,6 +85,17 @@ for p in qemu-patches/*.patch; do
         exit 1
     fi
 done
+if [ ! -x "$QEMU_STOCK" ]; then
+    kept=""
+    for boot in $BOOTS; do
+        boot=$(tr , '\n' <<<"$boot" | grep -v -x -E 'stock|stock-ddw' | paste -sd, - || true)
+        [ -z "$boot" ] || kept="${kept:+$kept }$boot"
+    done
+    if [ "$kept" != "$BOOTS" ]; then
+        echo "SKIP: nested stock cases (no ppc64le build of the stock QEMU at $QEMU_STOCK: qemu-patches/check builds it, or said why it could not)"
+        BOOTS=$kept
+    fi
+fi
 [ -f /usr/share/qemu/vof.bin ] || {
     echo "nested: /usr/share/qemu/vof.bin missing (Debian package qemu-system-data)" >&2
     exit 1
@@ -89,7 +120,7 @@ trap cleanup EXIT
 # shellcheck source=tests/lab/boots.sh
 . tests/lab/boots.sh
 APPLETS="sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill poweroff
-    dmesg tail head ip wget date rm stat chmod chgrp"
+    dmesg tail head ip wget date rm stat chmod chgrp mkfifo"
 
 # --- L2: e1000e and a download ---------------------------------------------------------------
 R2=$WORK/l2
@@ -99,7 +130,7 @@ cp tests/lab/l2-init.sh "$R2/init"
 chmod +x "$R2/init"
 (cd "$R2" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd-l2.gz")
 
-# --- L1: kvm-hv, vfio-pci, the sidecar, the patched QEMU -------------------------------------
+# --- L1: kvm-hv, vfio-pci, the sidecar, the patched QEMU and the stock one -------------------
 R1=$WORK/l1
 busybox_root "$R1" $APPLETS
 lab_modules "$R1"
@@ -108,12 +139,16 @@ cp "$BIN/tce-sidecar" "$R1/tce-sidecar"
 cp "$BIN/examples/lab_frontend" "$R1/lab_frontend"
 mkdir -p "$R1"/qemu/{bin,lib,share} "$R1/l2" "$R1/lib64"
 powerpc64le-linux-gnu-strip -o "$R1/qemu/bin/qemu-system-ppc64" "$QEMU_L1"
+if [ -x "$QEMU_STOCK" ]; then
+    powerpc64le-linux-gnu-strip -o "$R1/qemu/bin/qemu-system-ppc64-stock" "$QEMU_STOCK"
+fi
 cp /usr/share/qemu/vof.bin "$R1/qemu/share/"
 cp "$LAB_VMLINUX" "$R1/l2/vmlinux"
 cp "$WORK/initrd-l2.gz" "$R1/l2/initrd.gz"
-# the shared libraries QEMU needs, from the sysroot the cross build used
+# the shared libraries both QEMUs need, from the sysroot the cross builds used
 needed() { powerpc64le-linux-gnu-readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'; }
 todo=$(needed "$QEMU_L1")
+if [ -x "$QEMU_STOCK" ]; then todo="$todo $(needed "$QEMU_STOCK")"; fi
 seen=" "
 while [ -n "$todo" ]; do
     set -- $todo
@@ -181,5 +216,39 @@ iso=$(rate isolated)
 if [ -n "$acc" ] && [ -n "$iso" ] && [ "$iso" -gt 0 ]; then
     echo "NESTED throughput accelerated/isolated: $(awk -v a="$acc" -v i="$iso" 'BEGIN { printf "%.2f", a / i }') ($acc KiB/s vs $iso KiB/s under TCG; the seed reports 3.4-4.6x on hardware)"
 fi
+
+# The comparisons, from the PASS lines of both cases (a pair without them is left out): each
+# figure is A's / B's, so throughput above 1 and network_time below 1 favour A. The memory
+# figures are kB of RSS and VmLck after the download; *_total adds the sidecar's to QEMU's.
+# field CASE NAME[+NAME...]: the sum of these fields of CASE's PASS line ("none" counts 0);
+# nothing if there is no such line
+field() {
+    grep -a -h "^NESTED mode=$1 result=PASS " "$WORK"/l0-*.log | head -n1 | tr -d '\r' |
+        awk -v names="$2" '{ n = split(names, f, "+"); t = 0; found = 0
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); for (j = 1; j <= n; j++)
+                if (kv[1] == f[j]) { found = 1; if (kv[2] ~ /^[0-9]+$/) t += kv[2] } }
+            if (found) print t }'
+}
+# ratio_line A B LABEL FIGURE=FIELDS...: one line of A/B ratios, "n/a" where B's figure is 0
+ratio_line() {
+    local a=$1 b=$2 label=$3 out="" fig name fa fb
+    shift 3
+    [ -n "$(field "$a" kib_per_s)" ] && [ -n "$(field "$b" kib_per_s)" ] || return 0
+    for fig in "$@"; do
+        name=${fig%%=*}
+        fa=$(field "$a" "${fig#*=}")
+        fb=$(field "$b" "${fig#*=}")
+        out="$out $name $(awk -v x="$fa" -v y="$fb" 'BEGIN { if (y > 0) printf "%.2f", x / y; else printf "n/a" }')"
+    done
+    echo "NESTED ratio $a/$b ($label):$out"
+}
+VS_STOCK=(throughput=kib_per_s network_time=network_ms rss_qemu=rss_qemu_kb vmlck_qemu=vmlck_qemu_kb
+          rss_total=rss_qemu_kb+rss_sidecar_kb vmlck_total=vmlck_qemu_kb+vmlck_sidecar_kb)
+ratio_line accelerated stock "4K window" "${VS_STOCK[@]}"
+ratio_line accelerated-ddw stock-ddw "DDW" "${VS_STOCK[@]}"
+ratio_line isolated-ddw stock-ddw "DDW" "${VS_STOCK[@]}"
+ratio_line isolated accelerated "4K window" throughput=kib_per_s network_time=network_ms \
+    rss_qemu=rss_qemu_kb vmlck_qemu=vmlck_qemu_kb rss_sidecar=rss_sidecar_kb \
+    rss_total=rss_qemu_kb+rss_sidecar_kb vmlck_total=vmlck_qemu_kb+vmlck_sidecar_kb
 echo "nested: done in $(($(date +%s) - start)) s"
 exit "$failed"
