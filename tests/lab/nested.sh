@@ -46,9 +46,10 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 # Three boots, two at a time: the second and third (hostile-cross, in a boot of its own) share a
 # CPU slot while the first takes the other. The first holds the stock cases and the sidecar cases
-# they are compared with; under TCG here a download case with its L2 boot takes 20-25 s, isolated
-# 55-60 s (its 4K download is slow), a fault case 25 s (isolated-stop 60 s), a boot of L1 8 s, so
-# the first boot takes about 170 s and the other two about 165 s together.
+# they are compared with. Under TCG here a download case with its L2 boot takes 20-25 s, isolated
+# 50-80 s (its 4K download is slow and varies most), a fault case 25 s (isolated-stop 60-70 s),
+# hostile-cross 27 s, a boot of L1 8 s: in two runs the first boot took 150 and 169 s, the other
+# two 148 and 207 s together.
 BOOTS=${NESTED_BOOTS:-stock,accelerated,stock-ddw,accelerated-ddw,isolated-ddw,accelerated-kill,isolated-kill isolated,isolated-stop hostile-cross}
 BOOT_SECONDS=${NESTED_BOOT_SECONDS:-120}
 MIB=${NESTED_MIB:-8}
