@@ -14,6 +14,7 @@
 
 mod mapped;
 mod procedures;
+mod region_runs;
 pub mod state;
 mod window;
 

@@ -8,6 +8,7 @@ use crate::kernel::{ContainerId, GroupId, KernelOp, Output, RegionId, TableId};
 use crate::protocol::{MemRegion, TableDesc, TceInfo};
 
 use super::mapped::MappedBits;
+use super::region_runs::RegionRuns;
 
 /// A guest RAM region the front-end registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct Table {
     pub desc: TableDesc,
     /// Entries mapped through this session (isolated mode only).
     pub mapped: MappedBits,
+    /// The region each of those maps.
+    pub mapped_regions: RegionRuns,
     /// A failed UNMAP_DMA may have left hardware entries that the guest-visible table no
     /// longer shows; cleared when the window goes or its entries are cleared.
     pub suspect: bool,
@@ -187,6 +190,7 @@ impl State {
                 for id in tables {
                     if let Some(t) = self.tables.get_mut(&id) {
                         t.mapped.clear();
+                        t.mapped_regions.clear();
                         t.suspect = false;
                     }
                     for g in self.groups.values_mut() {
@@ -196,15 +200,16 @@ impl State {
             }
             KernelOp::MapDma {
                 container,
+                region,
                 iova,
                 size,
                 ..
-            } => self.mark(container, iova, size, true),
+            } => self.mark(container, iova, size, Some(region)),
             KernelOp::UnmapDma {
                 container,
                 iova,
                 size,
-            } => self.mark(container, iova, size, false),
+            } => self.mark(container, iova, size, None),
             KernelOp::KvmFileAdd { group } => {
                 if let Some(g) = self.groups.get_mut(&group) {
                     g.file_added = true;
@@ -241,11 +246,13 @@ impl State {
             .filter(|t| t.desc.container_id == container.0)
         {
             t.mapped.clear();
+            t.mapped_regions.clear();
             t.suspect = false;
         }
     }
 
-    fn mark(&mut self, container: ContainerId, iova: u64, size: u64, mapped: bool) {
+    /// Entries of `iova..iova + size` now map `region` (`None`: nothing).
+    fn mark(&mut self, container: ContainerId, iova: u64, size: u64, region: Option<RegionId>) {
         if !self.track_mapped {
             return;
         }
@@ -264,7 +271,11 @@ impl State {
             let window_end = t.desc.bus_offset + t.window_size();
             let stop = end.min(window_end);
             let count = (stop - at).div_ceil(1 << shift);
-            t.mapped.set_range(first, count, mapped);
+            t.mapped.set_range(first, count, region.is_some());
+            match region {
+                Some(region) => t.mapped_regions.map(first, count, region),
+                None => t.mapped_regions.unmap(first, count),
+            }
             at = stop;
         }
     }

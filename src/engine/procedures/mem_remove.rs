@@ -54,15 +54,22 @@ impl MemRemove {
             )),
             Some(_)
                 if mode == OwnershipMode::Isolated
-                    && state.tables.values().any(|t| t.mapped.count() > 0) =>
+                    && state
+                        .tables
+                        .values()
+                        .any(|t| t.mapped_regions.entries_in(region) > 0) =>
             {
-                // In isolated mode the sidecar's own mm pins what it maps, and only the
-                // session knows which entries it mapped, not where each points: any mapped
-                // entry may use the region, and unregistering it would leave it pinned.
-                let mapped: u64 = state.tables.values().map(|t| t.mapped.count()).sum();
+                // In isolated mode the sidecar's own mm pins what it maps: unregistering a
+                // region that mapped entries use would leave it pinned. The session knows which
+                // region each entry it mapped maps; the table the guest sees may say otherwise.
+                let mapped: u64 = state
+                    .tables
+                    .values()
+                    .map(|t| t.mapped_regions.entries_in(region))
+                    .sum();
                 Err(err(
                     Errno::BUSY,
-                    format!("{mapped} entries are mapped for DMA; the guest must unmap them before {region} goes"),
+                    format!("{mapped} entries are mapped for DMA into {region}; the guest must unmap them before it goes"),
                 ))
             }
             Some(_) => {
@@ -169,5 +176,99 @@ impl MemRemove {
         if ok {
             state.regions.remove(&self.region);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::state::{Region, Table};
+    use crate::kernel::ContainerId;
+    use crate::protocol::{DmaAccess, TableDesc};
+
+    const GIB: u64 = 1 << 30;
+
+    fn region(id: u32, guest_addr: u64) -> MemRegion {
+        MemRegion {
+            region_id: id,
+            guest_addr,
+            size: GIB,
+            user_addr: 0,
+            mmap_offset: 0,
+            page_shift: 16,
+        }
+    }
+
+    /// Isolated: boot RAM (region 1) and a hot-plugged DIMM (region 2), a DDW of 16 MiB pages
+    /// whose first entries the sidecar mapped into region 1, as a guest's DDW maps its RAM.
+    fn isolated_state() -> State {
+        let mut state = State {
+            track_mapped: true,
+            ..State::default()
+        };
+        for (id, guest_addr) in [(1, 0), (2, GIB)] {
+            let desc = region(id, guest_addr);
+            let page_size = 1 << 16;
+            state
+                .regions
+                .insert(RegionId(id), Region { desc, page_size });
+        }
+        let desc = TableDesc {
+            table_id: 1,
+            container_id: 0,
+            liobn: 0x8000_0001,
+            page_shift: 24,
+            bus_offset: 1 << 59,
+            entries: 128,
+        };
+        let table = Table {
+            desc,
+            mapped: Default::default(),
+            mapped_regions: Default::default(),
+            suspect: false,
+        };
+        state.tables.insert(TableId(1), table);
+        state.apply(
+            &KernelOp::MapDma {
+                container: ContainerId(0),
+                region: RegionId(1),
+                offset: 0,
+                iova: 1 << 59,
+                size: 16 << 24,
+                access: DmaAccess {
+                    read: true,
+                    write: true,
+                },
+            },
+            &Output::Done,
+        );
+        state
+    }
+
+    #[test]
+    fn isolated_refuses_only_a_region_mapped_entries_still_map() {
+        let mut state = isolated_state();
+        // The DIMM no entry maps goes (to the scan of the guest-visible tables, then away).
+        assert!(MemRemove::start(&state, OwnershipMode::Isolated, region(2, GIB)).is_ok());
+        // The boot RAM the DDW maps does not.
+        let refused = MemRemove::start(&state, OwnershipMode::Isolated, region(1, 0)).unwrap_err();
+        assert_eq!(refused.errno, Errno::BUSY);
+        assert!(
+            refused
+                .text
+                .starts_with("16 entries are mapped for DMA into region 1"),
+            "{}",
+            refused.text
+        );
+        // Once the guest unmapped them, it may go too.
+        state.apply(
+            &KernelOp::UnmapDma {
+                container: ContainerId(0),
+                iova: 1 << 59,
+                size: 16 << 24,
+            },
+            &Output::Unmapped(16 << 24),
+        );
+        assert!(MemRemove::start(&state, OwnershipMode::Isolated, region(1, 0)).is_ok());
     }
 }

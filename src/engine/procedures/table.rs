@@ -23,6 +23,7 @@ pub(super) fn add(
         Table {
             desc,
             mapped: Default::default(),
+            mapped_regions: Default::default(),
             suspect: false,
         },
     );
