@@ -18,6 +18,7 @@ mount -t tmpfs tmp /tmp
 chmod 1777 /tmp
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 PORT=$(arg NESTED_PORT)
+UPLOAD_PORT=$(arg NESTED_UPLOAD_PORT)
 BYTES=$(arg NESTED_BYTES)
 CASES=$(arg NESTED_CASES | tr , ' ')
 echo "L1: kernel $(cat /proc/sys/kernel/osrelease)"
@@ -129,12 +130,12 @@ stop() {
 # start_sidecar CASE: a fresh sidecar on /tmp/sc.sock; sets sc
 # It runs as nobody in group kvm, allowing root's QEMU. Its worker has no capability, so in
 # isolated mode the guest RAM and TCE tables it pins count against its locked-memory limit:
-# 512 MiB for L2's 256 MiB and the tables.
+# 512 MiB for L2's 256 MiB and the tables, SIDECAR_MEMLOCK_KB when a case sets it (hot-plug).
 start_sidecar() {
     echo "STEP case=$1 step=start-sidecar seconds=$SIDECAR_SECONDS"
     rm -f /tmp/sc.sock
     # shellcheck disable=SC3045 # busybox sh has ulimit -l
-    (ulimit -l 524288 && exec /lab_frontend run-as 65534:36 \
+    (ulimit -l ${SIDECAR_MEMLOCK_KB:-524288} && exec /lab_frontend run-as 65534:36 \
         /tce-sidecar --socket-path /tmp/sc.sock --allow-uid 0) >>/tmp/sc.log 2>&1 &
     sc=$!
     i=0
@@ -191,13 +192,13 @@ start_qemu() {
     rp=$!
     read -r qemu_started _ </proc/uptime
     $q_bin -L /qemu/share \
-        -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m 256M -smp 1 \
+        -M pseries,accel=kvm,x-vof=on,$CAPS,memory-backend=ram0 -cpu host -m ${Q_MEM:-256M} -smp 1 \
         -object memory-backend-memfd,id=ram0,size=256M,share=on \
         -global spapr-pci-host-bridge.dma_win_size=0x8000000 \
         -nographic -nodefaults -monitor none -serial pipe:/tmp/l2 \
         -qmp unix:/tmp/qmp.sock,server=on,wait=off \
         -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT $q_guest" \
+        -append "console=hvc0 loglevel=4 NESTED_PORT=$PORT NESTED_UPLOAD_PORT=$UPLOAD_PORT $q_guest" \
         "$@" \
         -trace 'spapr_iommu_put' -trace 'spapr_iommu_indirect' -trace 'spapr_iommu_stuff' \
         -trace 'spapr_iommu_pci_put' -trace 'spapr_iommu_pci_indirect' \
@@ -393,13 +394,111 @@ run_transfer() {
         [ "${lck_sidecar:-0}" -ge 262144 ] || fail "sidecar VmLck ${lck_sidecar} kB < guest RAM"
         [ "${lck_qemu:-0}" -lt 262144 ] || fail "QEMU VmLck ${lck_qemu} kB holds guest RAM"
     fi
+    check_eeh $mode
     if [ $name = isolated ]; then
         # in the 4K window each H_PUT_TCE is one TCE_UPDATE: QEMU sends no more than 10% more
         # requests than it handled hypercalls
         [ $((qemu_updates * 10)) -le $((fallbacks * 11)) ] ||
             fail "QEMU sent $qemu_updates TCE_UPDATE requests for $fallbacks hypercalls (more than 1.1 x)"
     fi
-    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate network_ms=${net_ms:-none} hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows rss_qemu_kb=${rss_qemu:-none} vmlck_qemu_kb=${lck_qemu:-none} rss_sidecar_kb=${rss_sidecar:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=$sandboxed"
+    verdict $name "bytes=${got:-0} seconds=${secs:-0} kib_per_s=$rate network_ms=${net_ms:-none} hypercalls_in_qemu=$fallbacks forwarded_qemu=$qemu_updates forwarded_sidecar=${sc_updates:-none} maps_sidecar=${sc_maps:-none} windows=$windows rss_qemu_kb=${rss_qemu:-none} vmlck_qemu_kb=${lck_qemu:-none} rss_sidecar_kb=${rss_sidecar:-none} vmlck_sidecar_kb=${lck_sidecar:-none} sandboxed_workers=$sandboxed $eeh"
+}
+
+# check_eeh MODE: EEH as L2 saw it (L2-EEH: the kernel found the PHB capable, the NIC's PE
+# state read through RTAS) and, with the sidecar, the EEH_OP requests QEMU sent for the guest's
+# RTAS calls (vfio_sidecar_eeh_op: ENABLE (1) for ibm,set-eeh-option, GET_STATE (4) for
+# ibm,read-slot-reset-state2), each answered. Sets eeh to the words for the case's line.
+check_eeh() {
+    l2eeh=$(grep -m1 '^L2-EEH ' /tmp/l2.log | tr -d '\r')
+    capable=$(echo "$l2eeh" | sed -n 's/.* capable=\([0-9]*\).*/\1/p')
+    pe_state=$(echo "$l2eeh" | sed -n 's/.* pe_state="0x\([0-9a-f]*\) .*/\1/p')
+    [ "${capable:-0}" -ge 1 ] || fail "L2 found no EEH-capable adapter: ${l2eeh:-no L2-EEH line}"
+    # 0x78: MMIO and DMA active and enabled, the state of a PE that works
+    [ "$pe_state" = 00000078 ] || fail "L2 read the PE state ${pe_state:-nothing}, not 0x78"
+    eeh="eeh_capable=${capable:-0} eeh_pe_state=0x${pe_state:-none}"
+    [ $1 = stock ] && return
+    eeh_enable=$(count 'vfio_sidecar_eeh_op container [0-9]* op 1: 0$')
+    eeh_state=$(count 'vfio_sidecar_eeh_op container [0-9]* op 4: 0$')
+    eeh_failed=$(count 'vfio_sidecar_eeh_op container [0-9]* op [0-9]*: -')
+    [ "$eeh_enable" -ge 1 ] || fail "no EEH_OP ENABLE answered through the sidecar"
+    [ "$eeh_state" -ge 1 ] || fail "no EEH_OP GET_STATE answered through the sidecar"
+    [ "$eeh_failed" = 0 ] || fail "$eeh_failed EEH_OP requests failed"
+    eeh="$eeh eeh_op_enable=$eeh_enable eeh_op_get_state=$eeh_state"
+}
+
+# qmp COMMAND [ARGUMENTS]: one QMP command on L1's QEMU; prints its reply
+qmp() { /lab_frontend qmp /tmp/qmp.sock "$@" 2>&1; }
+
+# run_hotplug MODE: RAM hot-plug with the sidecar in MODE, the guest using its DDW (whose
+# mapping of all of guest RAM Linux extends to RAM it onlines). QEMU has room for one DIMM
+# (-m 256M,slots=2,maxmem=1G); the guest onlines hot-plugged RAM as movable. Once L2's network is
+# up, L1 hot-plugs DIMMs whose backend the sidecar cannot use (private RAM; in isolated mode
+# also a memfd without seals), which QEMU must refuse before plugging them, then a 256 MiB DIMM
+# on a sealed shared memfd, which QEMU must register with the sidecar (MEM_ADD). L2 downloads
+# the blob into that RAM and sends it back from there, so the NIC's DMA reads the DIMM (see
+# hotplug in l2-init.sh); L0 must have received it intact. Then L1 unplugs the DIMM, which the
+# guest releases and QEMU removes from the sidecar (MEM_REMOVE).
+run_hotplug() {
+    mode=$1
+    name=hotplug-$mode
+    refused=0
+    # the DIMM, pinned by the sidecar in isolated mode, on top of its usual limit
+    SIDECAR_MEMLOCK_KB=$((524288 + 262144))
+    Q_MEM=256M,slots=2,maxmem=1G
+    if begin $name $mode "NESTED_HOTPLUG=$name memhp_default_state=online_movable" &&
+        await $name hotplug-ready $NETWORK_SECONDS '^L2-HOTPLUG-READY' /tmp/l2.log; then
+        qmp object-add '{"qom-type": "memory-backend-ram", "id": "private", "size": 268435456}' >/dev/null
+        r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm-private", "memdev": "private"}')
+        if echo "$r" | grep -q 'is not shared memory with a file descriptor'; then
+            refused=$((refused + 1))
+        else
+            fail "a DIMM on private RAM was not refused before plugging: $r"
+        fi
+        if [ $mode = isolated ]; then
+            qmp object-add '{"qom-type": "memory-backend-memfd", "id": "unsealed", "size": 268435456, "share": true, "seal": false}' >/dev/null
+            r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm-unsealed", "memdev": "unsealed"}')
+            if echo "$r" | grep -q 'is not a memfd sealed against shrinking'; then
+                refused=$((refused + 1))
+            else
+                fail "a DIMM on an unsealed memfd was not refused in isolated mode: $r"
+            fi
+        fi
+        refusal=$(echo "$r" | sed -n 's/.*"desc": "\([^"]*\)".*/\1/p')
+        qmp object-add '{"qom-type": "memory-backend-memfd", "id": "mem1", "size": 268435456, "share": true}' >/dev/null
+        r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm1", "memdev": "mem1"}')
+        echo "$r" | grep -q '"return"' || fail "device_add of the memfd DIMM: $r"
+        if await $name hotplug-added $STOP_SECONDS '^L2-HOTPLUG-ADDED' /tmp/l2.log &&
+            await $name hotplug-upload $DOWNLOAD_SECONDS '^L2-HOTPLUG-RELEASED' /tmp/l2.log; then
+            r=$(qmp device_del '{"id": "dimm1"}')
+            echo "$r" | grep -q '"return"' || fail "device_del of the DIMM: $r"
+            await $name hotplug-removed $STOP_SECONDS '^L2-HOTPLUG-REMOVED' /tmp/l2.log
+            memory_devices=$(qmp query-memory-devices)
+            echo "$memory_devices" | grep -q '"return": \[\]' ||
+                fail "QEMU still lists memory devices after the unplug: $memory_devices"
+        fi
+    fi
+    end $name
+    unset SIDECAR_MEMLOCK_KB Q_MEM
+    added=$(grep -m1 '^L2-HOTPLUG-ADDED ' /tmp/l2.log | tr -d '\r')
+    upload=$(grep -m1 '^L2-HOTPLUG-UPLOAD ' /tmp/l2.log | tr -d '\r')
+    removed=$(grep -m1 '^L2-HOTPLUG-REMOVED ' /tmp/l2.log | tr -d '\r')
+    bytes=$(echo "$upload" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p')
+    movable_kb=$(echo "$upload" | sed -n 's/.* movable_kb=\([0-9]*\).*/\1/p')
+    sent=$(echo "$upload" | sed -n 's/.* sent_sha256=\([0-9a-f]*\).*/\1/p')
+    received=$(echo "$upload" | sed -n 's/.* received="bytes=\([0-9]*\) sha256=\([0-9a-f]*\)".*/\1 \2/p')
+    # the DIMM's RAM is registered and removed: not the boot RAM at guest address 0
+    mem_add=$(count 'vfio_sidecar_mem_add region [0-9]* guest 0x[1-9a-f][0-9a-f]* size 0x10000000: 0$')
+    mem_remove=$(count 'vfio_sidecar_mem_remove region [0-9]* guest 0x[1-9a-f][0-9a-f]* size 0x10000000: 0$')
+    [ "$bytes" = "$BYTES" ] || fail "L2 downloaded ${bytes:-nothing} of $BYTES bytes into the DIMM"
+    # the blob's pages came from the DIMM: the Movable zone, which only it fills, grew by them
+    [ "${movable_kb:-0}" -ge $((BYTES / 1024 * 9 / 10)) ] ||
+        fail "the blob took ${movable_kb:-no} kB of the DIMM's RAM, not ${BYTES} bytes"
+    [ -n "$sent" ] && [ "$received" = "$BYTES $sent" ] ||
+        fail "L0 received ${received:-nothing} for ${BYTES} bytes of sha256 ${sent:-unknown}"
+    [ "$mem_add" = 1 ] || fail "$mem_add MEM_ADD of the DIMM answered, not 1"
+    [ "$mem_remove" = 1 ] || fail "$mem_remove MEM_REMOVE of the DIMM answered, not 1"
+    echo "$removed" | grep -q ' movable_pages=0 ' || fail "L2 did not release the DIMM: ${removed:-no line}"
+    verdict $name "refused_before_plug=$refused mem_add=$mem_add mem_remove=$mem_remove bytes_from_dimm=${bytes:-0} dimm_kb_used=${movable_kb:-0} upload_intact=$([ "$received" = "$BYTES $sent" ] && echo yes || echo no) ${added#L2-HOTPLUG-ADDED } refusal=\"$refusal\""
 }
 
 # qmp_status: query-status on L1's QEMU; sets qmp_ms (the round trip) and vm_status
@@ -569,6 +668,8 @@ for c in $CASES; do
     isolated-kill) run_fault isolated kill ;;
     isolated-stop) run_fault isolated stop ;;
     hostile-cross) run_hostile_cross ;;
+    hotplug-accelerated) run_hotplug accelerated ;;
+    hotplug-isolated) run_hotplug isolated ;;
     *) echo "NESTED mode=$c result=FAIL why=\"unknown case\"" ;;
     esac
 done

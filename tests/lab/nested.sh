@@ -15,8 +15,11 @@
 # The cases (nested-l1.sh): accelerated and isolated in the guest's 4K default window,
 # accelerated-ddw and isolated-ddw with its 64-bit DDW; stock and stock-ddw, the same guest, NIC and
 # download under the stock QEMU (-device vfio-pci,host=… alone: its own in-process VFIO), the
-# baselines; accelerated-kill, isolated-kill and isolated-stop, a fault during the download; and
-# hostile-cross. Without the stock QEMU's build, a "SKIP:" line says so and the stock cases are
+# baselines; accelerated-kill, isolated-kill and isolated-stop, a fault during the download;
+# hotplug-accelerated and hotplug-isolated, RAM hot-plugged into the running guest, refused
+# before plugging when the sidecar cannot use its backend, else used for the NIC's DMA and
+# unplugged again; and hostile-cross. Every download case also checks what the guest sees of EEH,
+# through the sidecar's EEH_OP with the patched QEMU. Without the stock QEMU's build, a "SKIP:" line says so and the stock cases are
 # left out of the boots.
 #
 # hostile-cross puts a hostile proxy (lab_frontend cross-proxy) between that QEMU and the sidecar
@@ -50,7 +53,7 @@ ROOT=$PWD
 # 50-80 s (its 4K download is slow and varies most), a fault case 25 s (isolated-stop 60-70 s),
 # hostile-cross 27 s, a boot of L1 8 s: in two runs the first boot took 150 and 169 s, the other
 # two 148 and 207 s together.
-BOOTS=${NESTED_BOOTS:-stock,accelerated,stock-ddw,accelerated-ddw,isolated-ddw,accelerated-kill,isolated-kill isolated,isolated-stop hostile-cross}
+BOOTS=${NESTED_BOOTS:-stock,accelerated,stock-ddw,accelerated-ddw,isolated-ddw,accelerated-kill,isolated-kill,hotplug-accelerated isolated,isolated-stop,hotplug-isolated hostile-cross}
 BOOT_SECONDS=${NESTED_BOOT_SECONDS:-120}
 MIB=${NESTED_MIB:-8}
 TARGET=powerpc64le-unknown-linux-gnu
@@ -121,7 +124,7 @@ trap cleanup EXIT
 # shellcheck source=tests/lab/boots.sh
 . tests/lab/boots.sh
 APPLETS="sh mount insmod cat echo grep sed awk cut tr wc ls readlink basename sleep kill poweroff
-    dmesg tail head ip wget date rm stat chmod chgrp mkfifo"
+    dmesg tail head ip wget date rm stat chmod chgrp mkfifo mkdir umount nc sha256sum"
 
 # --- L2: e1000e and a download ---------------------------------------------------------------
 R2=$WORK/l2
@@ -172,12 +175,19 @@ cp tests/lab/nested-l1.sh "$R1/init"
 chmod +x "$R1/init"
 (cd "$R1" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd-l1.gz")
 
-# --- L0: an HTTP server on this machine, reached from L2 through -netdev user ---------------
+# --- L0: a server on this machine, reached from L2 through -netdev user: HTTP for the blob,
+# and the port L2 sends it back to from hot-plugged RAM (tests/lab/l0-server.py) -------------
 mkdir -p "$WORK/www"
 head -c $((MIB * 1024 * 1024)) /dev/urandom >"$WORK/www/blob"
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python3 -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$port" >"$WORK/http.log" 2>&1 &
+python3 tests/lab/l0-server.py "$WORK/www" "$WORK/http.port" "$WORK/upload.port" >"$WORK/http.log" 2>&1 &
 server=$!
+for _ in $(seq 50); do [ -s "$WORK/http.port" ] && break; sleep 0.1; done
+port=$(cat "$WORK/http.port" 2>/dev/null) || {
+    cat "$WORK/http.log"
+    echo "nested: the server on L0 did not start" >&2
+    exit 1
+}
+upload_port=$(cat "$WORK/upload.port")
 
 # One boot of L1 per group of cases, each in a CPU slot of its own (tests/lab/boots.sh).
 boot_l1() { # boot_l1 N CASES: the cases (comma-separated) in one boot; its log is $WORK/l0-N.log
@@ -187,7 +197,7 @@ boot_l1() { # boot_l1 N CASES: the cases (comma-separated) in one boot; its log 
         second=(-netdev user,id=n1 -device e1000e,netdev=n1,bus=pcie.1,addr=0x0,romfile=)
     boot_with_deadlines "$log" "$BOOT_SECONDS" qemu-system-ppc64 -M powernv9 -m 3G -smp 1 \
         -nographic -no-reboot -kernel "$LAB_VMLINUX" -initrd "$WORK/initrd-l1.gz" \
-        -append "console=hvc0 rdinit=/init loglevel=4 NESTED_PORT=$port NESTED_BYTES=$((MIB * 1024 * 1024)) NESTED_CASES=$2" \
+        -append "console=hvc0 rdinit=/init loglevel=4 NESTED_PORT=$port NESTED_UPLOAD_PORT=$upload_port NESTED_BYTES=$((MIB * 1024 * 1024)) NESTED_CASES=$2" \
         -netdev user,id=n0 -device e1000e,netdev=n0,bus=pcie.0,addr=0x0,romfile= "${second[@]}"
     echo "nested: boot $1 ($2): L0 qemu exit $RC after $((SECONDS - t0)) s; steps (s): $TOOK"
     local c failed=0
