@@ -359,3 +359,48 @@ fn sigterm_with_sessions_open_exits_zero_removes_sockets_and_tears_down() {
     );
     assert!(!log.contains("still tearing down"), "{log}");
 }
+
+/// The model stand-ins process `pid` holds (its fds to `memfd:model:*`).
+fn model_standins(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process lives")
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("/memfd:model:"))
+        })
+        .count()
+}
+
+/// A front-end that ends its model connection without closing its files (it crashed, or never
+/// heard of CLOSE) leaves nothing behind: the files it opened are released as its exit would
+/// close them, the daemon drops their stand-ins, and the group opens again.
+#[test]
+fn model_releases_the_files_of_a_connection_that_ends() {
+    use tce_sidecar::kernel::model::server::ModelClient;
+    let sidecar = Sidecar::start("model-release", &[]);
+    let before = model_standins(sidecar.pid());
+    let front_end = ModelClient::connect(&sidecar.model_socket).unwrap();
+    let kvm = front_end.open_kvm().unwrap();
+    let vm = front_end.kvm_create_vm(kvm.as_fd()).unwrap();
+    let group = front_end.open_vfio_group(1).unwrap();
+    let container = front_end.open_vfio_container().unwrap();
+    front_end
+        .vfio_group_set_container(group.as_fd(), Some(container.as_fd()))
+        .unwrap();
+    assert_eq!(model_standins(sidecar.pid()), before + 4);
+    // A second open of a group in use is refused, as Linux refuses it.
+    let other = ModelClient::connect(&sidecar.model_socket).unwrap();
+    assert_eq!(
+        other.open_vfio_group(1).unwrap_err().errno(),
+        Some(Errno::BUSY)
+    );
+    drop((front_end, kvm, vm, group, container));
+    wait_until(
+        "the daemon drops the stand-ins of the ended connection",
+        Duration::from_secs(5),
+        || model_standins(sidecar.pid()) == before,
+    );
+    let group = other.open_vfio_group(1).expect("the group opens again");
+    other.close(group.as_fd()).unwrap();
+}

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use super::dispatch::ArgFd;
-use super::{Op, Shared, SharedMapping, NO_FD};
+use super::{Holder, Op, Shared, SharedMapping, NO_FD};
 use crate::kernel::model::abi::{
     CreateSpaprTce64, DmaMap, DmaUnmap, EehPeOp, HcallOutcome, RegisterMemory, SpaprTceInfo,
     TceCreate, TceRemove, UserMemoryRegion, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
@@ -89,7 +89,7 @@ impl ModelClient {
         match &self.transport {
             Transport::Local { shared, caller } => {
                 let lent = fds.iter().map(|f| ArgFd::Borrowed(*f)).collect();
-                Ok(shared.dispatch(*caller, op as u32, &payload, lent)?)
+                Ok(shared.dispatch(Holder::Local(*caller), op as u32, &payload, lent)?)
             }
             Transport::Socket(stream) => {
                 let stream = stream.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::standins::MemfdMemory;
-use super::{Op, Shared, State};
+use super::{Holder, Op, Shared, State};
 use crate::kernel::model::abi::{
     CreateSpaprTce64, DmaMap, DmaUnmap, EehPeOp, HcallOutcome, RegisterMemory, TceCreate,
     TceRemove, UserMemoryRegion, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL,
@@ -86,7 +86,7 @@ impl Shared {
     /// Runs one request as `caller`: status and result words, and the reply's fd.
     pub(super) fn dispatch(
         &self,
-        caller: Mm,
+        holder: Holder,
         code: u32,
         payload: &[u8],
         fds: Vec<ArgFd<'_>>,
@@ -104,12 +104,12 @@ impl Shared {
             fds: fds.into_iter().map(Some).collect(),
         };
         let mut state = self.lock();
-        let result = call(&mut state, caller, op, &mut req);
+        let result = call(&mut state, holder, op, &mut req);
         let reply = match result {
             Ok(Out::Words(w)) => Ok((w, None)),
             Ok(Out::File(None)) => Ok((Vec::new(), None)),
             Ok(Out::File(Some(id))) => {
-                state.opened.entry(caller).or_default().push(id);
+                state.hold(holder, id);
                 state.standin(id).map(|fd| (Vec::new(), Some(fd)))
             }
             Err(e) => Err(e),
@@ -135,10 +135,11 @@ pub(super) fn encode_reply(
 }
 
 /// Runs `op` on the kernel as `caller`: each group of ops has its own function.
-fn call(s: &mut State, caller: Mm, op: Op, r: &mut Req<'_>) -> Result<Out, Errno> {
+fn call(s: &mut State, holder: Holder, op: Op, r: &mut Req<'_>) -> Result<Out, Errno> {
+    let caller = holder.mm();
     match op {
         Op::OpenKvm | Op::OpenVfioContainer | Op::OpenVfioGroup | Op::Close | Op::FileKind => {
-            files(s, caller, op, r)
+            files(s, holder, op, r)
         }
         Op::KvmCreateVm
         | Op::KvmCheckExtension
@@ -191,7 +192,7 @@ fn target(s: &State, r: &Req<'_>, i: usize) -> Result<FileId, Errno> {
 }
 
 /// Opening the device nodes, closing a file, and what kind of file an fd is.
-fn files(s: &mut State, caller: Mm, op: Op, r: &mut Req<'_>) -> Result<Out, Errno> {
+fn files(s: &mut State, holder: Holder, op: Op, r: &mut Req<'_>) -> Result<Out, Errno> {
     let k = &mut s.kernel;
     match op {
         Op::OpenKvm => Ok(Out::File(Some(k.open_kvm()))),
@@ -199,10 +200,7 @@ fn files(s: &mut State, caller: Mm, op: Op, r: &mut Req<'_>) -> Result<Out, Errn
         Op::OpenVfioGroup => Ok(Out::File(Some(k.open_vfio_group(r.u32(0)?)?))),
         Op::Close => {
             let id = target(s, r, 0)?;
-            if let Some(opened) = s.opened.get_mut(&caller) {
-                opened.retain(|&f| f != id);
-            }
-            s.kernel.close(id).map(|()| Out::Words(Vec::new()))
+            s.release(holder, id).map(|()| Out::Words(Vec::new()))
         }
         Op::FileKind => {
             let code = match arg(s, r, 0) {

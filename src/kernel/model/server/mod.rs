@@ -17,8 +17,11 @@
 //!   of [`NO_FD`] is a number that names no file (`EBADF`).
 //! - A KVM TCE table's stand-in is the memfd holding its entries (u64, host byte order), one
 //!   kernel page per table page, so any holder can `mmap` it (K6) and sees the kernel's writes.
-//! - The server cannot see fds being closed: `CLOSE` says the caller dropped the last fd of a
-//!   file. The server keeps its own copy of every stand-in until the model releases the file.
+//! - The server cannot see fds being closed, nor passed on. A file is released when the
+//!   connection that opened or created it says `CLOSE` (it dropped its last fd), or ends, as
+//!   the process's exit would close it. A file passed to another process that outlives its
+//!   opener is not modelled: the receiver's fd names a released file from then on. The server
+//!   keeps its own copy of every stand-in until the model releases the file.
 //! - Guest RAM stays the caller's own memfd mapping; `MM_MAP` declares "this memfd is mapped at
 //!   this address in my process" so the kernel can pin and read it.
 //!
@@ -34,10 +37,11 @@
 //!   payload size or a too-large u32 `EINVAL`, misplaced or too many fds `EBADF`. Only a broken
 //!   frame closes the connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::kernel::{FileId, FileKind, Mm, ModelKernel};
@@ -69,15 +73,65 @@ struct State {
     kernel: ModelKernel,
     by_inode: HashMap<(u64, u64), FileId>,
     standins: HashMap<FileId, OwnedFd>,
-    /// The files each process opened or created and has not closed: what its exit closes.
-    opened: HashMap<Mm, Vec<FileId>>,
+    /// The files each holder opened or created and has not closed: what its end closes.
+    holds: HashMap<Holder, HashSet<FileId>>,
     /// The kernel's released-file count at the last collection.
     collected: u64,
+}
+
+/// Who holds files: a model connection (whose end drops its holds), or a process calling in
+/// process (whose holds only its exit drops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Holder {
+    Connection { id: u64, caller: Mm },
+    Local(Mm),
+}
+
+impl Holder {
+    fn mm(self) -> Mm {
+        match self {
+            Self::Connection { caller, .. } | Self::Local(caller) => caller,
+        }
+    }
+}
+
+impl State {
+    /// `holder` opened or created `id`.
+    pub(super) fn hold(&mut self, holder: Holder, id: FileId) {
+        self.holds.entry(holder).or_default().insert(id);
+    }
+
+    /// `holder` dropped its last fd for `id`: the kernel closes the file, unless another holder
+    /// has it too. Returns the close's result.
+    pub(super) fn release(&mut self, holder: Holder, id: FileId) -> Result<(), Errno> {
+        if let Some(held) = self.holds.get_mut(&holder) {
+            held.remove(&id);
+            if held.is_empty() {
+                self.holds.remove(&holder);
+            }
+        }
+        if self.holds.values().any(|held| held.contains(&id)) || self.kernel.file_kind(id).is_none()
+        {
+            return Ok(());
+        }
+        self.kernel.close(id)
+    }
+
+    /// Every hold of `holder` ends (its connection ended, or its process exited).
+    fn release_all(&mut self, holder: Holder) {
+        for id in self.holds.get(&holder).cloned().unwrap_or_default() {
+            let _ = self.release(holder, id);
+        }
+        self.holds.remove(&holder);
+    }
 }
 
 struct Shared {
     state: Mutex<State>,
 }
+
+/// The ids of model connections, for their holds.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -94,14 +148,27 @@ impl Shared {
         }
     }
 
-    /// Serves one connection until the peer closes it or breaks a frame.
+    /// Serves one connection until the peer closes it or breaks a frame; then the files it
+    /// held and nothing else holds are closed.
     fn serve_connection(&self, stream: UnixStream) -> io::Result<()> {
         let cred = rustix::net::sockopt::socket_peercred(&stream)?;
         let caller = Mm(cred.pid.as_raw_nonzero().get() as u32);
+        let holder = Holder::Connection {
+            id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+            caller,
+        };
         self.adopt_memlock_limit(caller);
+        let served = self.serve_frames(&stream, holder);
+        let mut state = self.lock();
+        state.release_all(holder);
+        state.collect();
+        served
+    }
+
+    fn serve_frames(&self, stream: &UnixStream, holder: Holder) -> io::Result<()> {
         let mut reader = FrameReader::exact(false);
         loop {
-            let frame = match reader.recv(&stream) {
+            let frame = match reader.recv(stream) {
                 Ok(frame) => frame,
                 Err(RecvError::Closed) => return Ok(()),
                 Err(RecvError::Io(e)) => return Err(e),
@@ -112,7 +179,7 @@ impl Shared {
                 Err(Errno::BADF)
             } else {
                 self.dispatch(
-                    caller,
+                    holder,
                     code,
                     &frame.payload,
                     frame.fds.into_iter().map(ArgFd::Owned).collect(),
@@ -120,7 +187,7 @@ impl Shared {
             };
             let (payload, fd) = encode_reply(result);
             let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-            send_frame(&stream, code, true, &payload, &fds)?;
+            send_frame(stream, code, true, &payload, &fds)?;
         }
     }
 }
@@ -170,7 +237,7 @@ impl ModelServer {
                     kernel,
                     by_inode: HashMap::new(),
                     standins: HashMap::new(),
-                    opened: HashMap::new(),
+                    holds: HashMap::new(),
                     collected: 0,
                 }),
             }),
@@ -217,17 +284,19 @@ impl ModelServer {
         }
     }
 
-    /// Process `mm` exited: the kernel closes the files it opened and still held, then tears
-    /// its address space down (its pre-registered memory and locked-memory charge go). The
-    /// server cannot see fds being closed or passed on, so it closes what the process itself
-    /// opened or created: a process that passed such a file to another before exiting is not
-    /// modelled (the sidecar never passes its own files).
+    /// Process `mm` exited: its holds end, in process and on its connections (the kernel
+    /// closes each file nothing else holds), then its address space goes (its pre-registered
+    /// memory and locked-memory charge).
     pub fn process_exited(&self, mm: Mm) {
         let mut state = self.shared.lock();
-        for id in state.opened.remove(&mm).unwrap_or_default() {
-            if state.kernel.file_kind(id).is_some() {
-                let _ = state.kernel.close(id);
-            }
+        let holders: Vec<Holder> = state
+            .holds
+            .keys()
+            .filter(|h| h.mm() == mm)
+            .copied()
+            .collect();
+        for holder in holders {
+            state.release_all(holder);
         }
         state.kernel.exit_mm(mm);
         state.collect();
