@@ -372,15 +372,34 @@ fn model_standins(pid: u32) -> usize {
         .count()
 }
 
+/// The daemon's fds to memfds named `name` (`/memfd:name`).
+fn memfds_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process lives")
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                target
+                    .to_string_lossy()
+                    .starts_with(&format!("/memfd:{name}"))
+            })
+        })
+        .count()
+}
+
 /// A front-end that ends its model connection without closing its files (it crashed, or never
-/// heard of CLOSE) leaves nothing behind: the files it opened are released as its exit would
-/// close them, the daemon drops their stand-ins, and the group opens again.
+/// heard of CLOSE) leaves nothing behind: the files it opened are released and its declared
+/// guest RAM forgotten, as its exit would do; the daemon drops their stand-ins and its copy of
+/// the RAM's memfd, and the group opens again. A CLOSE of a file the caller never opened is
+/// EBADF, as close(2) of an fd one does not have.
 #[test]
 fn model_releases_the_files_of_a_connection_that_ends() {
-    use tce_sidecar::kernel::model::server::ModelClient;
+    use tce_sidecar::kernel::model::server::{guest_ram, ModelClient};
     let sidecar = Sidecar::start("model-release", &[]);
     let before = model_standins(sidecar.pid());
     let front_end = ModelClient::connect(&sidecar.model_socket).unwrap();
+    let (_ram, _ram_fd) = guest_ram(&front_end, 1 << 20).unwrap();
+    assert_eq!(memfds_named(sidecar.pid(), "guest-ram"), 1);
     let kvm = front_end.open_kvm().unwrap();
     let vm = front_end.kvm_create_vm(kvm.as_fd()).unwrap();
     let group = front_end.open_vfio_group(1).unwrap();
@@ -395,12 +414,18 @@ fn model_releases_the_files_of_a_connection_that_ends() {
         other.open_vfio_group(1).unwrap_err().errno(),
         Some(Errno::BUSY)
     );
-    drop((front_end, kvm, vm, group, container));
-    wait_until(
-        "the daemon drops the stand-ins of the ended connection",
-        Duration::from_secs(5),
-        || model_standins(sidecar.pid()) == before,
+    assert_eq!(
+        other.close(group.as_fd()).unwrap_err().errno(),
+        Some(Errno::BADF)
     );
-    let group = other.open_vfio_group(1).expect("the group opens again");
-    other.close(group.as_fd()).unwrap();
+    // The model knows processes by pid: this one is gone once neither connection is left.
+    drop((front_end, other, kvm, vm, group, container));
+    wait_until(
+        "the daemon drops the stand-ins and the RAM of the ended connection",
+        Duration::from_secs(5),
+        || model_standins(sidecar.pid()) == before && memfds_named(sidecar.pid(), "guest-ram") == 0,
+    );
+    let again = ModelClient::connect(&sidecar.model_socket).unwrap();
+    let group = again.open_vfio_group(1).expect("the group opens again");
+    again.close(group.as_fd()).unwrap();
 }

@@ -75,6 +75,8 @@ struct State {
     standins: HashMap<FileId, OwnedFd>,
     /// The files each holder opened or created and has not closed: what its end closes.
     holds: HashMap<Holder, HashSet<FileId>>,
+    /// Live connections per process: when its last one ends, the process is taken as gone.
+    connections: HashMap<Mm, usize>,
     /// The kernel's released-file count at the last collection.
     collected: u64,
 }
@@ -102,13 +104,14 @@ impl State {
     }
 
     /// `holder` dropped its last fd for `id`: the kernel closes the file, unless another holder
-    /// has it too. Returns the close's result.
+    /// has it too. A holder that does not hold `id` has no fd to close: `EBADF`.
     pub(super) fn release(&mut self, holder: Holder, id: FileId) -> Result<(), Errno> {
-        if let Some(held) = self.holds.get_mut(&holder) {
-            held.remove(&id);
-            if held.is_empty() {
-                self.holds.remove(&holder);
-            }
+        let held = self.holds.get_mut(&holder).ok_or(Errno::BADF)?;
+        if !held.remove(&id) {
+            return Err(Errno::BADF);
+        }
+        if held.is_empty() {
+            self.holds.remove(&holder);
         }
         if self.holds.values().any(|held| held.contains(&id)) || self.kernel.file_kind(id).is_none()
         {
@@ -149,7 +152,9 @@ impl Shared {
     }
 
     /// Serves one connection until the peer closes it or breaks a frame; then the files it
-    /// held and nothing else holds are closed.
+    /// held and nothing else holds are closed, and with the process's last connection its
+    /// address space goes (declared memory, pre-registrations, locked-memory charge), as its
+    /// exit would end them.
     fn serve_connection(&self, stream: UnixStream) -> io::Result<()> {
         let cred = rustix::net::sockopt::socket_peercred(&stream)?;
         let caller = Mm(cred.pid.as_raw_nonzero().get() as u32);
@@ -158,9 +163,18 @@ impl Shared {
             caller,
         };
         self.adopt_memlock_limit(caller);
+        *self.lock().connections.entry(caller).or_default() += 1;
         let served = self.serve_frames(&stream, holder);
         let mut state = self.lock();
         state.release_all(holder);
+        let left = state.connections.get_mut(&caller).map(|n| {
+            *n -= 1;
+            *n
+        });
+        if left == Some(0) {
+            state.connections.remove(&caller);
+            state.kernel.exit_mm(caller);
+        }
         state.collect();
         served
     }
@@ -238,6 +252,7 @@ impl ModelServer {
                     by_inode: HashMap::new(),
                     standins: HashMap::new(),
                     holds: HashMap::new(),
+                    connections: HashMap::new(),
                     collected: 0,
                 }),
             }),
