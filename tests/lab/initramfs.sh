@@ -58,3 +58,45 @@ kernel_warned() {
     echo "$2"
     grep -a -A3 'WARNING: CPU:' "$1" | tr -d '\r'
 }
+
+# copy_libraries DIR SYSROOT SKIP BINARY...: the shared libraries the ppc64le BINARYs need,
+# transitively, from SYSROOT (the cross build's) into DIR; those whose name matches the extended
+# regular expression SKIP (e.g. glibc's, where the target root has its own; "" skips none) are
+# left out
+copy_libraries() {
+    local dir=$1 sysroot=$2 skip=$3 todo="" seen=" " lib f
+    shift 3
+    needed() { powerpc64le-linux-gnu-readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'; }
+    for f in "$@"; do todo="$todo $(needed "$f")"; done
+    while [ -n "${todo// /}" ]; do
+        # shellcheck disable=SC2086
+        set -- $todo
+        lib=$1
+        shift
+        todo="$*"
+        case $seen in *" $lib "*) continue ;; esac
+        seen="$seen$lib "
+        [ -n "$skip" ] && [[ $lib =~ $skip ]] && continue
+        f=$(ls "$sysroot/lib/powerpc64le-linux-gnu/$lib" "$sysroot/usr/lib/powerpc64le-linux-gnu/$lib" 2>/dev/null | head -n1 || true)
+        [ -n "$f" ] || {
+            echo "lab: $lib (needed by QEMU) not in $sysroot" >&2
+            exit 1
+        }
+        cp -L "$f" "$dir/$lib"
+        todo="$todo $(needed "$f")"
+    done
+}
+
+# start_l0_server WORK: tests/lab/l0-server.py on this machine (L0), which L2 reaches through
+# -netdev user, serving WORK/www; sets server (its pid), port (HTTP) and upload_port
+start_l0_server() {
+    python3 tests/lab/l0-server.py "$1/www" "$1/http.port" "$1/upload.port" >"$1/http.log" 2>&1 &
+    server=$!
+    for _ in $(seq 50); do [ -s "$1/upload.port" ] && [ -s "$1/http.port" ] && break; sleep 0.1; done
+    port=$(cat "$1/http.port" 2>/dev/null) || {
+        cat "$1/http.log"
+        echo "lab: the server on L0 did not start" >&2
+        exit 1
+    }
+    upload_port=$(cat "$1/upload.port")
+}

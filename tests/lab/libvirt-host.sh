@@ -119,27 +119,8 @@ EOF
     chmod +x "$Q/bin/qemu-system-ppc64"
     # firmware: a relocatable QEMU looks in ../share/qemu
     cp /usr/share/qemu/vof.bin /usr/share/qemu/slof.bin "$Q/share/qemu/"
-    needed() { powerpc64le-linux-gnu-readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'; }
-    todo=$(needed "$QEMU_L1")
-    seen=" "
-    while [ -n "$todo" ]; do
-        # shellcheck disable=SC2086
-        set -- $todo
-        lib=$1
-        shift
-        todo="$*"
-        case $seen in *" $lib "*) continue ;; esac
-        seen="$seen$lib "
-        # glibc itself is the root's (same suite as the sysroot)
-        case $lib in libc.so.* | libm.so.* | ld64.so.* | libpthread.so.* | libdl.so.* | librt.so.*) continue ;; esac
-        f=$(ls "$SYSROOT/lib/powerpc64le-linux-gnu/$lib" "$SYSROOT/usr/lib/powerpc64le-linux-gnu/$lib" 2>/dev/null | head -n1 || true)
-        [ -n "$f" ] || {
-            echo "libvirt-host: $lib (needed by QEMU) not in $SYSROOT" >&2
-            exit 1
-        }
-        cp -L "$f" "$Q/lib/$lib"
-        todo="$todo $(needed "$f")"
-    done
+    # glibc itself is the root's (same suite as the sysroot)
+    copy_libraries "$Q/lib" "$SYSROOT" '^(libc|libm|ld64|libpthread|libdl|librt)\.so\.' "$QEMU_L1"
     # L2: the lab kernel and a busybox initramfs that brings up eth0 and downloads
     mkdir -p "$P/opt/lab/l2"
     cp "$LAB_VMLINUX" "$P/opt/lab/l2/vmlinux"
@@ -185,9 +166,7 @@ echo "libvirt-host: initramfs $(du -h "$WORK/initrd.gz" | cut -f1)"
 # --- L0: an HTTP server, reached from L2 through -netdev user ----------------------------------
 mkdir -p "$WORK/www"
 head -c $((MIB * 1024 * 1024)) /dev/urandom >"$WORK/www/blob"
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python3 -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$port" >"$WORK/http.log" 2>&1 &
-server=$!
+start_l0_server "$WORK"
 
 boot() {
     boot_with_deadlines "$LOG" "$BOOT_SECONDS" qemu-system-ppc64 -M powernv9 -m 3G -smp 1 \

@@ -150,25 +150,9 @@ cp /usr/share/qemu/vof.bin "$R1/qemu/share/"
 cp "$LAB_VMLINUX" "$R1/l2/vmlinux"
 cp "$WORK/initrd-l2.gz" "$R1/l2/initrd.gz"
 # the shared libraries both QEMUs need, from the sysroot the cross builds used
-needed() { powerpc64le-linux-gnu-readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'; }
-todo=$(needed "$QEMU_L1")
-if [ -x "$QEMU_STOCK" ]; then todo="$todo $(needed "$QEMU_STOCK")"; fi
-seen=" "
-while [ -n "$todo" ]; do
-    set -- $todo
-    lib=$1
-    shift
-    todo="$*"
-    case $seen in *" $lib "*) continue ;; esac
-    seen="$seen$lib "
-    f=$(ls "$SYSROOT/lib/powerpc64le-linux-gnu/$lib" "$SYSROOT/usr/lib/powerpc64le-linux-gnu/$lib" 2>/dev/null | head -n1 || true)
-    [ -n "$f" ] || {
-        echo "nested: $lib (needed by QEMU) not in $SYSROOT" >&2
-        exit 1
-    }
-    cp -L "$f" "$R1/qemu/lib/$lib"
-    todo="$todo $(needed "$f")"
-done
+qemus=("$QEMU_L1")
+[ -x "$QEMU_STOCK" ] && qemus+=("$QEMU_STOCK")
+copy_libraries "$R1/qemu/lib" "$SYSROOT" "" "${qemus[@]}"
 cp -L "$SYSROOT/lib64/ld64.so.2" "$R1/qemu/lib/ld64.so.2"
 ln -s /qemu/lib/ld64.so.2 "$R1/lib64/ld64.so.2"
 cp tests/lab/nested-l1.sh "$R1/init"
@@ -179,15 +163,7 @@ chmod +x "$R1/init"
 # and the port L2 sends it back to from hot-plugged RAM (tests/lab/l0-server.py) -------------
 mkdir -p "$WORK/www"
 head -c $((MIB * 1024 * 1024)) /dev/urandom >"$WORK/www/blob"
-python3 tests/lab/l0-server.py "$WORK/www" "$WORK/http.port" "$WORK/upload.port" >"$WORK/http.log" 2>&1 &
-server=$!
-for _ in $(seq 50); do [ -s "$WORK/http.port" ] && break; sleep 0.1; done
-port=$(cat "$WORK/http.port" 2>/dev/null) || {
-    cat "$WORK/http.log"
-    echo "nested: the server on L0 did not start" >&2
-    exit 1
-}
-upload_port=$(cat "$WORK/upload.port")
+start_l0_server "$WORK"
 
 # One boot of L1 per group of cases, each in a CPU slot of its own (tests/lab/boots.sh).
 boot_l1() { # boot_l1 N CASES: the cases (comma-separated) in one boot; its log is $WORK/l0-N.log
