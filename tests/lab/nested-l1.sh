@@ -429,6 +429,20 @@ check_eeh() {
 # qmp COMMAND [ARGUMENTS]: one QMP command on L1's QEMU; prints its reply
 qmp() { /lab_frontend qmp /tmp/qmp.sock "$@" 2>&1; }
 
+# refuse_dimm ID BACKEND REASON WHAT: hot-plugs a 256 MiB DIMM on backend ID (BACKEND: its
+# object-add properties but size), which QEMU must refuse before plugging it, saying REASON;
+# counts it in refused and keeps QEMU's message in refusal, else fails naming WHAT
+refuse_dimm() {
+    qmp object-add "{\"id\": \"$1\", \"size\": 268435456, $2}" >/dev/null
+    r=$(qmp device_add "{\"driver\": \"pc-dimm\", \"id\": \"dimm-$1\", \"memdev\": \"$1\"}")
+    if echo "$r" | grep -q "$3"; then
+        refused=$((refused + 1))
+        refusal=$(echo "$r" | sed -n 's/.*"desc": "\([^"]*\)".*/\1/p')
+    else
+        fail "$4 was not refused before plugging: $r"
+    fi
+}
+
 # run_hotplug MODE: RAM hot-plug with the sidecar in MODE, the guest using its DDW (whose
 # mapping of all of guest RAM Linux extends to RAM it onlines). QEMU has room for one DIMM
 # (-m 256M,slots=2,maxmem=1G); the guest onlines hot-plugged RAM as movable. Once L2's network is
@@ -442,28 +456,17 @@ run_hotplug() {
     mode=$1
     name=hotplug-$mode
     refused=0
+    refusal=""
     # the DIMM, pinned by the sidecar in isolated mode, on top of its usual limit
     SIDECAR_MEMLOCK_KB=$((524288 + 262144))
     Q_MEM=256M,slots=2,maxmem=1G
     if begin $name $mode "NESTED_HOTPLUG=$name memhp_default_state=online_movable" &&
         await $name hotplug-ready $NETWORK_SECONDS '^L2-HOTPLUG-READY' /tmp/l2.log; then
-        qmp object-add '{"qom-type": "memory-backend-ram", "id": "private", "size": 268435456}' >/dev/null
-        r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm-private", "memdev": "private"}')
-        if echo "$r" | grep -q 'is not shared memory with a file descriptor'; then
-            refused=$((refused + 1))
-        else
-            fail "a DIMM on private RAM was not refused before plugging: $r"
-        fi
-        if [ $mode = isolated ]; then
-            qmp object-add '{"qom-type": "memory-backend-memfd", "id": "unsealed", "size": 268435456, "share": true, "seal": false}' >/dev/null
-            r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm-unsealed", "memdev": "unsealed"}')
-            if echo "$r" | grep -q 'is not a memfd sealed against shrinking'; then
-                refused=$((refused + 1))
-            else
-                fail "a DIMM on an unsealed memfd was not refused in isolated mode: $r"
-            fi
-        fi
-        refusal=$(echo "$r" | sed -n 's/.*"desc": "\([^"]*\)".*/\1/p')
+        refuse_dimm private '"qom-type": "memory-backend-ram"' \
+            'is not shared memory with a file descriptor' "a DIMM on private RAM"
+        [ $mode = isolated ] &&
+            refuse_dimm unsealed '"qom-type": "memory-backend-memfd", "share": true, "seal": false' \
+                'is not a memfd sealed against shrinking' "a DIMM on an unsealed memfd"
         qmp object-add '{"qom-type": "memory-backend-memfd", "id": "mem1", "size": 268435456, "share": true}' >/dev/null
         r=$(qmp device_add '{"driver": "pc-dimm", "id": "dimm1", "memdev": "mem1"}')
         echo "$r" | grep -q '"return"' || fail "device_add of the memfd DIMM: $r"
