@@ -360,18 +360,6 @@ fn sigterm_with_sessions_open_exits_zero_removes_sockets_and_tears_down() {
     assert!(!log.contains("still tearing down"), "{log}");
 }
 
-/// The model stand-ins process `pid` holds (its fds to `memfd:model:*`).
-fn model_standins(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the process lives")
-        .filter_map(Result::ok)
-        .filter(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| target.to_string_lossy().starts_with("/memfd:model:"))
-        })
-        .count()
-}
-
 /// The daemon's fds to memfds named `name` (`/memfd:name`).
 fn memfds_named(pid: u32, name: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -396,7 +384,7 @@ fn memfds_named(pid: u32, name: &str) -> usize {
 fn model_releases_the_files_of_a_connection_that_ends() {
     use tce_sidecar::kernel::model::server::{guest_ram, ModelClient};
     let sidecar = Sidecar::start("model-release", &[]);
-    let before = model_standins(sidecar.pid());
+    let before = memfds_named(sidecar.pid(), "model:");
     let front_end = ModelClient::connect(&sidecar.model_socket).unwrap();
     let (_ram, _ram_fd) = guest_ram(&front_end, 1 << 20).unwrap();
     assert_eq!(memfds_named(sidecar.pid(), "guest-ram"), 1);
@@ -407,7 +395,7 @@ fn model_releases_the_files_of_a_connection_that_ends() {
     front_end
         .vfio_group_set_container(group.as_fd(), Some(container.as_fd()))
         .unwrap();
-    assert_eq!(model_standins(sidecar.pid()), before + 4);
+    assert_eq!(memfds_named(sidecar.pid(), "model:"), before + 4);
     // A second open of a group in use is refused, as Linux refuses it.
     let other = ModelClient::connect(&sidecar.model_socket).unwrap();
     assert_eq!(
@@ -423,7 +411,10 @@ fn model_releases_the_files_of_a_connection_that_ends() {
     wait_until(
         "the daemon drops the stand-ins and the RAM of the ended connection",
         Duration::from_secs(5),
-        || model_standins(sidecar.pid()) == before && memfds_named(sidecar.pid(), "guest-ram") == 0,
+        || {
+            memfds_named(sidecar.pid(), "model:") == before
+                && memfds_named(sidecar.pid(), "guest-ram") == 0
+        },
     );
     let again = ModelClient::connect(&sidecar.model_socket).unwrap();
     let group = again.open_vfio_group(1).expect("the group opens again");

@@ -103,8 +103,8 @@ impl State {
         self.holds.entry(holder).or_default().insert(id);
     }
 
-    /// `holder` dropped its last fd for `id`: the kernel closes the file, unless another holder
-    /// has it too. A holder that does not hold `id` has no fd to close: `EBADF`.
+    /// `holder` dropped its last fd for `id`: the kernel closes the file (its one holder is its
+    /// opener). A holder that does not hold `id` has no fd to close: `EBADF`.
     pub(super) fn release(&mut self, holder: Holder, id: FileId) -> Result<(), Errno> {
         let held = self.holds.get_mut(&holder).ok_or(Errno::BADF)?;
         if !held.remove(&id) {
@@ -113,19 +113,14 @@ impl State {
         if held.is_empty() {
             self.holds.remove(&holder);
         }
-        if self.holds.values().any(|held| held.contains(&id)) || self.kernel.file_kind(id).is_none()
-        {
-            return Ok(());
-        }
         self.kernel.close(id)
     }
 
     /// Every hold of `holder` ends (its connection ended, or its process exited).
     fn release_all(&mut self, holder: Holder) {
-        for id in self.holds.get(&holder).cloned().unwrap_or_default() {
-            let _ = self.release(holder, id);
+        for id in self.holds.remove(&holder).unwrap_or_default() {
+            let _ = self.kernel.close(id);
         }
-        self.holds.remove(&holder);
     }
 }
 
