@@ -406,6 +406,11 @@ fn model_releases_the_files_of_a_connection_that_ends() {
         other.close(group.as_fd()).unwrap_err().errno(),
         Some(Errno::BADF)
     );
+    // ... and the refused CLOSE left the opener's group open.
+    assert_eq!(
+        other.open_vfio_group(1).unwrap_err().errno(),
+        Some(Errno::BUSY)
+    );
     // The model knows processes by pid: this one is gone once neither connection is left.
     drop((front_end, other, kvm, vm, group, container));
     wait_until(
