@@ -1,6 +1,10 @@
 //! The engine's procedures, driven with scripted kernel results: which calls each request makes,
 //! in which order, on which side, and what a failure leaves behind.
 
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
 use rustix::io::Errno;
 use tce_sidecar::engine::{Action, FdFacts, Host, Limits, Phase, Session};
 use tce_sidecar::kernel::{
@@ -23,6 +27,7 @@ const G1: GroupId = GroupId(1);
 const G2: GroupId = GroupId(2);
 const R1: RegionId = RegionId(1);
 const T1: TableId = TableId(1);
+const T2: TableId = TableId(2);
 
 /// The powernv platform's GET_INFO.
 fn powernv_info() -> TceInfo {
@@ -42,6 +47,8 @@ struct Driver<F: FnMut(&KernelOp) -> Result<Output, Errno>> {
     session: Session,
     kernel: F,
     log: Vec<(Side, KernelOp)>,
+    /// The front-end's operations that came in replies flagged ROLLBACK.
+    rollback: Vec<KernelOp>,
 }
 
 /// A powernv-like platform: two window slots, slot 0 at bus address 0 and slot 1 at 1 << 59;
@@ -99,11 +106,13 @@ impl<F: FnMut(&KernelOp) -> Result<Output, Errno>> Driver<F> {
             session,
             kernel,
             log: Vec::new(),
+            rollback: Vec::new(),
         }
     }
 
     fn request(&mut self, request: Request, fd: Option<FdFacts>) -> Reply {
         let mut action = self.session.handle(request, fd);
+        let mut rolling_back = false;
         loop {
             match action {
                 Action::Execute(ops) => {
@@ -121,6 +130,15 @@ impl<F: FnMut(&KernelOp) -> Result<Output, Errno>> Driver<F> {
                 }
                 Action::Reply(reply) if reply.ops.is_empty() => return reply,
                 Action::Reply(reply) => {
+                    assert!(
+                        reply.rollback || !rolling_back,
+                        "a rollback ends the transaction"
+                    );
+                    rolling_back = reply.rollback;
+                    if reply.rollback {
+                        self.rollback
+                            .extend(reply.ops.iter().map(|o| KernelOp::from(*o)));
+                    }
                     let mut results = Vec::new();
                     for owner_op in &reply.ops {
                         let op = KernelOp::from(*owner_op);
@@ -150,6 +168,7 @@ impl<F: FnMut(&KernelOp) -> Result<Output, Errno>> Driver<F> {
     }
 
     fn take_log(&mut self) -> Vec<(Side, KernelOp)> {
+        self.rollback.clear();
         std::mem::take(&mut self.log)
     }
 }
@@ -995,4 +1014,339 @@ fn adopt_needs_the_feature_and_accelerated_mode() {
     assert_eq!(reply.status, -Errno::INVAL.raw_os_error());
     assert!(reply.text.contains("accelerated"), "{}", reply.text);
     assert!(d.session.state().groups.is_empty());
+}
+
+/// Fails one call, the `n`th from when it is armed (0: the next), as the front-end reports a
+/// failed or refused operation.
+#[derive(Clone, Default)]
+struct FailAt(Rc<Cell<Option<(usize, Errno)>>>);
+
+impl FailAt {
+    fn arm(&self, n: usize, errno: Errno) {
+        self.0.set(Some((n, errno)));
+    }
+
+    fn check(&self) -> Option<Result<Output, Errno>> {
+        let (n, errno) = self.0.get()?;
+        self.0.set(n.checked_sub(1).map(|n| (n, errno)));
+        (n == 0).then_some(Err(errno))
+    }
+}
+
+/// The kvm-vfio device as the kernel keeps it (§7.7): a group file joins once and leaves only
+/// if it is in, ending its associations; an association needs the file in and its table's
+/// hardware window (T1's at bus 0, T2's at 1 << 59); no window may go while associated.
+#[derive(Debug, Default)]
+struct KvmDevice {
+    files: BTreeMap<GroupId, BTreeSet<TableId>>,
+    windows: BTreeSet<u64>,
+}
+
+fn bus_of(table: TableId) -> u64 {
+    if table == T1 {
+        0
+    } else {
+        1 << 59
+    }
+}
+
+impl KvmDevice {
+    fn call(&mut self, op: &KernelOp, result: Result<Output, Errno>) -> Result<Output, Errno> {
+        match (*op, &result) {
+            (KernelOp::KvmFileAdd { group }, _) if self.files.contains_key(&group) => {
+                return Err(Errno::EXIST)
+            }
+            (KernelOp::KvmFileAdd { group }, _) => {
+                self.files.insert(group, BTreeSet::new());
+            }
+            (KernelOp::KvmFileDel { group }, _) => {
+                self.files.remove(&group).ok_or(Errno::NOENT)?;
+            }
+            (KernelOp::KvmSetSpaprTce { group, table }, _) => {
+                if !self.windows.contains(&bus_of(table)) {
+                    return Err(Errno::INVAL);
+                }
+                self.files
+                    .get_mut(&group)
+                    .ok_or(Errno::NOENT)?
+                    .insert(table);
+            }
+            (KernelOp::TceCreate { .. }, Ok(Output::StartAddr(start))) => {
+                self.windows.insert(*start);
+            }
+            (KernelOp::TceRemove { start_addr, .. }, Ok(_)) => {
+                assert!(
+                    !self
+                        .files
+                        .values()
+                        .flatten()
+                        .any(|t| bus_of(*t) == start_addr),
+                    "the window at {start_addr:#x} goes while associated: {self:?}"
+                );
+                self.windows.remove(&start_addr);
+            }
+            _ => {}
+        }
+        result
+    }
+}
+
+/// An accelerated session on the platform with the kvm-vfio device's rules: RAM, `groups`,
+/// tables T1 (bus 0) and T2 (bus 1 << 59), and windows for `windows`. `fail` is left unarmed.
+fn kvm_session(
+    groups: &[u32],
+    windows: &[u32],
+    fail: &FailAt,
+    device: &Rc<RefCell<KvmDevice>>,
+) -> Driver<impl FnMut(&KernelOp) -> Result<Output, Errno>> {
+    let (fail, device) = (fail.clone(), device.clone());
+    let mut platform = Platform::default();
+    let kernel = move |op: &KernelOp| {
+        fail.check()
+            .unwrap_or_else(|| device.borrow_mut().call(op, platform.call(op)))
+    };
+    let mut d = Driver::new(FEATURE_MODE_ACCELERATED, kernel);
+    d.ok(mem_add(1 << 30), memfd_facts(1 << 30));
+    for g in groups {
+        d.ok(group_add(*g, 6 + g), None);
+    }
+    d.ok(table_add(1, 0x8000_0001, 16, 0, 1 << 14), None);
+    d.ok(table_add(2, 0x8000_0002, 16, 1 << 59, 1 << 14), None);
+    for t in windows {
+        d.ok(Request::WindowCreate { table_id: *t }, None);
+    }
+    d.take_log();
+    d
+}
+
+/// The tables `group` is associated with, as the engine sees it and as KVM holds them (both
+/// must agree), or `None` if its file is not in the kvm-vfio device.
+fn associations<F: FnMut(&KernelOp) -> Result<Output, Errno>>(
+    d: &Driver<F>,
+    device: &Rc<RefCell<KvmDevice>>,
+    group: GroupId,
+) -> Option<BTreeSet<TableId>> {
+    let g = &d.session.state().groups[&group];
+    let kvm = device.borrow().files.get(&group).cloned();
+    assert_eq!(
+        g.file_added.then(|| g.associations.clone()),
+        kvm,
+        "the engine's view is the kernel's"
+    );
+    kvm
+}
+
+/// A WINDOW_REMOVE whose UNMAP_DMA fails after its KVM_FILE_DEL re-adds the group file and
+/// re-associates the table: the window stays, and KVM keeps serving its H_PUT_TCE.
+#[test]
+fn window_remove_accelerated_failed_unmap_restores_the_association() {
+    let (fail, device) = (FailAt::default(), Rc::default());
+    let mut d = kvm_session(&[1], &[1], &fail, &device);
+    fail.arm(1, Errno::IO);
+    let reply = d.request(Request::WindowRemove { table_id: 1 }, None);
+    let unmap = KernelOp::UnmapDma {
+        container: C0,
+        iova: 0,
+        size: 1 << 30,
+    };
+    let undo = vec![
+        KernelOp::KvmFileAdd { group: G1 },
+        KernelOp::KvmSetSpaprTce {
+            group: G1,
+            table: T1,
+        },
+    ];
+    assert_eq!(d.rollback, undo, "the rollback carries ROLLBACK");
+    let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        [vec![KernelOp::KvmFileDel { group: G1 }, unmap], undo].concat()
+    );
+    assert_eq!(reply.status, -Errno::IO.raw_os_error());
+    assert!(
+        reply.text.contains(&format!("{unmap} failed"))
+            && reply
+                .text
+                .ends_with("; undone with KVM_FILE_ADD, KVM_SET_SPAPR_TCE"),
+        "{}",
+        reply.text
+    );
+    assert_eq!(associations(&d, &device, G1), Some(BTreeSet::from([T1])));
+    assert!(d.session.state().window_of(T1).is_some());
+    assert_eq!(d.session.phase(), Phase::Ready);
+    // The window is still whole: removing it again works.
+    d.ok(Request::WindowRemove { table_id: 1 }, None);
+    assert_eq!(associations(&d, &device, G1), None);
+}
+
+/// WINDOW_REMOVE of one of a group's two tables severs it by FILE_DEL, FILE_ADD and
+/// SET_SPAPR_TCE of the other (§7.7). Whichever call fails, the rollback leaves the group
+/// associated with exactly the two tables it had.
+#[test]
+fn window_remove_accelerated_failure_at_each_call_restores_every_association() {
+    let forward = [
+        KernelOp::KvmFileDel { group: G1 },
+        KernelOp::KvmFileAdd { group: G1 },
+        KernelOp::KvmSetSpaprTce {
+            group: G1,
+            table: T2,
+        },
+        KernelOp::UnmapDma {
+            container: C0,
+            iova: 0,
+            size: 1 << 30,
+        },
+        KernelOp::TceRemove {
+            container: C0,
+            start_addr: 0,
+        },
+    ];
+    for at in 0..forward.len() {
+        let (fail, device) = (FailAt::default(), Rc::default());
+        let mut d = kvm_session(&[1], &[1, 2], &fail, &device);
+        fail.arm(at, Errno::PERM);
+        let reply = d.request(Request::WindowRemove { table_id: 1 }, None);
+        assert_eq!(reply.status, -Errno::PERM.raw_os_error(), "{}", reply.text);
+        assert!(
+            reply.text.contains(&format!("{} failed", forward[at])),
+            "{}",
+            reply.text
+        );
+        assert!(!reply.text.contains("incomplete"), "{}", reply.text);
+        let rollback = d.rollback.clone();
+        let ops: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+        assert_eq!(ops[..=at], forward[..=at], "failing call {at}");
+        assert_eq!(ops[at + 1..], rollback, "failing call {at}");
+        assert_eq!(
+            associations(&d, &device, G1),
+            Some(BTreeSet::from([T1, T2])),
+            "failing call {at}: {ops:?}"
+        );
+        assert!(d.session.state().window_of(T1).is_some());
+        assert!(d.session.state().window_of(T2).is_some());
+    }
+}
+
+/// WINDOW_RESET takes every window down the same way. The associations come back for every
+/// window still there after the failure; a window already removed cannot come back.
+#[test]
+fn window_reset_accelerated_failure_restores_the_associations_of_the_windows_left() {
+    let (fail, device) = (FailAt::default(), Rc::default());
+    let reset = Request::WindowReset {
+        container_id: 0,
+        default_table: None,
+    };
+    let mut d = kvm_session(&[1], &[1, 2], &fail, &device);
+    d.ok(reset.clone(), None);
+    let forward: Vec<KernelOp> = d.take_log().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(associations(&d, &device, G1), None);
+    assert!(d.session.state().containers[&C0].windows.is_empty());
+    for at in 1..forward.len() {
+        let (fail, device) = (FailAt::default(), Rc::default());
+        let mut d = kvm_session(&[1], &[1, 2], &fail, &device);
+        fail.arm(at, Errno::PERM);
+        let reply = d.request(reset.clone(), None);
+        assert_eq!(reply.status, -Errno::PERM.raw_os_error(), "{}", reply.text);
+        assert!(!reply.text.contains("incomplete"), "{}", reply.text);
+        let left: BTreeSet<TableId> = [T1, T2]
+            .into_iter()
+            .filter(|t| d.session.state().window_of(*t).is_some())
+            .collect();
+        assert!(!left.is_empty(), "failing call {at}: {forward:?}");
+        assert_eq!(
+            associations(&d, &device, G1),
+            Some(left),
+            "failing call {at}: {:?}",
+            d.log
+        );
+    }
+}
+
+/// The rollback of a GROUP_ADD that associated some of the container's tables with the new
+/// group ends the new group's associations only, deleting its file once.
+#[test]
+fn group_add_accelerated_failed_association_leaves_the_other_groups_alone() {
+    let (fail, device) = (FailAt::default(), Rc::default());
+    let mut d = kvm_session(&[1], &[1, 2], &fail, &device);
+    // GROUP_SET_CONTAINER, KVM_FILE_ADD, SET_SPAPR_TCE with T1, then with T2.
+    fail.arm(3, Errno::PERM);
+    let reply = d.request(group_add(2, 8), None);
+    assert_eq!(reply.status, -Errno::PERM.raw_os_error(), "{}", reply.text);
+    assert!(!reply.text.contains("incomplete"), "{}", reply.text);
+    assert_eq!(
+        d.rollback,
+        vec![
+            KernelOp::KvmFileDel { group: G2 },
+            KernelOp::GroupUnsetContainer {
+                container: C0,
+                group: G2
+            },
+        ]
+    );
+    assert_eq!(
+        associations(&d, &device, G1),
+        Some(BTreeSet::from([T1, T2]))
+    );
+    assert!(!d.session.state().groups.contains_key(&G2));
+}
+
+/// The rollback of a WINDOW_CREATE that associated its table with some groups deletes each
+/// group's file once, then removes the window.
+#[test]
+fn window_create_accelerated_failed_association_deletes_each_file_once() {
+    let (fail, device) = (FailAt::default(), Rc::default());
+    let mut d = kvm_session(&[1, 2], &[], &fail, &device);
+    // TCE_CREATE, then FILE_ADD and SET_SPAPR_TCE for each group.
+    fail.arm(4, Errno::PERM);
+    let reply = d.request(Request::WindowCreate { table_id: 1 }, None);
+    assert_eq!(reply.status, -Errno::PERM.raw_os_error(), "{}", reply.text);
+    assert!(!reply.text.contains("incomplete"), "{}", reply.text);
+    assert_eq!(
+        d.rollback,
+        vec![
+            KernelOp::KvmFileDel { group: G2 },
+            KernelOp::KvmFileDel { group: G1 },
+            KernelOp::TceRemove {
+                container: C0,
+                start_addr: 0
+            },
+        ]
+    );
+    assert_eq!(associations(&d, &device, G1), None);
+    assert_eq!(associations(&d, &device, G2), None);
+    assert!(d.session.state().window_of(T1).is_none());
+}
+
+/// In isolated mode a window goes with no KVM call, so a failure leaves nothing to undo.
+#[test]
+fn window_remove_isolated_failure_has_nothing_to_roll_back() {
+    let fail = FailAt::default();
+    let check = fail.clone();
+    let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform_with(move |_| check.check()));
+    set_up(&mut d);
+    let update = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 1,
+        entries: TceEntries::Inline(vec![3]),
+    };
+    d.ok(Request::TceUpdate(update), None);
+    d.take_log();
+    fail.arm(1, Errno::BUSY);
+    let reply = d.request(Request::WindowRemove { table_id: 1 }, None);
+    assert_eq!(reply.status, -Errno::BUSY.raw_os_error(), "{}", reply.text);
+    assert!(!reply.text.contains("undone"), "{}", reply.text);
+    let log = d.take_log();
+    assert!(
+        matches!(
+            log[..],
+            [
+                (Side::Sidecar, KernelOp::UnmapDma { .. }),
+                (Side::Sidecar, KernelOp::TceRemove { .. })
+            ]
+        ),
+        "{log:?}"
+    );
+    assert!(d.session.state().window_of(T1).is_some());
+    assert!(d.session.state().groups[&G1].associations.is_empty());
 }

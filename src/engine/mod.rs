@@ -9,7 +9,8 @@
 //! Every request runs as a *transaction*: a procedure emits calls stage by stage, computing each
 //! stage from the kernel view ([`state::State`]) that successful results have updated. When a
 //! call fails, additive procedures roll back by running the inverse of every call that
-//! succeeded, newest first; removals stop and report exactly what is left.
+//! succeeded, newest first ([`state::rollback`]); a window's removal undoes its KVM calls, and
+//! other removals stop and report exactly what is left.
 #![deny(unsafe_code)]
 
 mod mapped;
@@ -143,7 +144,7 @@ struct Transaction {
     procedure: Procedure,
     queue: VecDeque<KernelOp>,
     /// Successful calls of the forward phase with their outputs, for rollback.
-    done: Vec<(KernelOp, Output)>,
+    done: Vec<state::Done>,
     in_flight: Vec<KernelOp>,
     in_flight_side: Side,
     /// Set once a failure turned the transaction into a rollback.
@@ -440,7 +441,8 @@ impl Session {
         for (op, result) in in_flight.iter().zip(results) {
             match result {
                 Ok(output) => {
-                    self.state.apply(op, &output);
+                    let done = state::Done::record(op, output, &self.state);
+                    self.state.apply(op, &done.output);
                     match side {
                         Side::Sidecar => self.stats.ops_sidecar += 1,
                         Side::FrontEnd => self.stats.ops_front_end += 1,
@@ -450,9 +452,9 @@ impl Session {
                         KernelOp::UnmapDma { .. } => self.stats.unmaps += 1,
                         _ => {}
                     }
-                    txn.procedure.succeeded(op, &output);
+                    txn.procedure.succeeded(op, &done.output);
                     if txn.rolling_back.is_none() {
-                        txn.done.push((*op, output));
+                        txn.done.push(done);
                     } else {
                         txn.undone.push(op.name());
                     }
@@ -613,19 +615,7 @@ impl Session {
 fn start_rollback(txn: &mut Transaction, err: EngineError, state: &State) {
     txn.queue.clear();
     if txn.procedure.rolls_back() {
-        // Newest first. Several associations of one table need severing only once: the first
-        // sever ends them all.
-        let mut undo: Vec<KernelOp> = Vec::new();
-        let mut severed = std::collections::BTreeSet::new();
-        for (op, out) in txn.done.iter().rev() {
-            if let KernelOp::KvmSetSpaprTce { table, .. } = op {
-                if !severed.insert(*table) {
-                    continue;
-                }
-            }
-            undo.extend(state::inverse(op, out, state));
-        }
-        txn.queue.extend(undo);
+        txn.queue.extend(state::rollback(&txn.done, state));
     }
     txn.done.clear();
     txn.rolling_back = Some(err);

@@ -281,12 +281,58 @@ impl State {
     }
 }
 
-/// The calls that undo a successful call, for rolling back a failed transaction, computed on the
-/// kernel view at rollback time. Calls with no inverse (a removal, a query) return nothing. A
-/// KVM association has no inverse call of its own: it is ended the only way KVM offers
-/// ([`super::procedures::sever_ops`]).
-pub fn inverse(op: &KernelOp, output: &Output, state: &State) -> Vec<KernelOp> {
-    let single = match *op {
+/// A successful call of a transaction, as kept for rolling it back.
+#[derive(Clone, Debug)]
+pub struct Done {
+    pub op: KernelOp,
+    pub output: Output,
+    /// What the call ended that the kernel view no longer shows once it is applied: for
+    /// KVM_FILE_DEL, the tables its group was associated with.
+    pub ended: Vec<TableId>,
+}
+
+impl Done {
+    /// Records `op`, which succeeded with `output`; called before `state` applies it.
+    pub fn record(op: &KernelOp, output: Output, state: &State) -> Self {
+        let ended = match *op {
+            KernelOp::KvmFileDel { group } => state
+                .groups
+                .get(&group)
+                .map(|g| g.associations.iter().copied().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        Self {
+            op: *op,
+            output,
+            ended,
+        }
+    }
+}
+
+/// The calls that undo `done`, newest first. Each call's inverse is computed on the kernel view
+/// as the inverses before it leave it, so that undoing a sequence composes: a sever and re-add
+/// (§7.7) undone in reverse ends with each group associated as it was.
+pub fn rollback(done: &[Done], state: &State) -> Vec<KernelOp> {
+    let mut view = state.clone();
+    view.track_mapped = false;
+    let mut undo = Vec::new();
+    for d in done.iter().rev() {
+        for op in inverse(d, &view) {
+            view.apply(&op, &Output::Done);
+            undo.push(op);
+        }
+    }
+    undo
+}
+
+/// The calls that undo one successful call, computed on `state`, the kernel view when they run.
+/// Calls with no inverse (a removal, a query) return nothing. KVM associations have no calls of
+/// their own: one is ended by deleting its group's file and re-adding the file with its other
+/// tables ([`super::procedures::sever_group_ops`]); the file's deletion is undone by re-adding it
+/// with the tables it had that still have their window.
+pub fn inverse(done: &Done, state: &State) -> Vec<KernelOp> {
+    let single = match done.op {
         KernelOp::ContainerOpen { container } => KernelOp::ContainerClose { container },
         KernelOp::GroupSetContainer { container, group } => {
             KernelOp::GroupUnsetContainer { container, group }
@@ -313,10 +359,10 @@ pub fn inverse(op: &KernelOp, output: &Output, state: &State) -> Vec<KernelOp> {
             offset,
             size,
         },
-        KernelOp::TceCreate { container, .. } => match output {
+        KernelOp::TceCreate { container, .. } => match done.output {
             Output::StartAddr(start_addr) => KernelOp::TceRemove {
                 container,
-                start_addr: *start_addr,
+                start_addr,
             },
             _ => return Vec::new(),
         },
@@ -330,9 +376,28 @@ pub fn inverse(op: &KernelOp, output: &Output, state: &State) -> Vec<KernelOp> {
             iova,
             size,
         },
-        KernelOp::KvmFileAdd { group } => KernelOp::KvmFileDel { group },
-        KernelOp::KvmSetSpaprTce { table, .. } => {
-            return super::procedures::sever_ops(state, table)
+        // Undoing the associations made after it may have deleted the file already.
+        KernelOp::KvmFileAdd { group } => match state.groups.get(&group) {
+            Some(g) if g.file_added => KernelOp::KvmFileDel { group },
+            _ => return Vec::new(),
+        },
+        KernelOp::KvmSetSpaprTce { group, table } => {
+            return super::procedures::sever_group_ops(state, group, &[table])
+        }
+        KernelOp::KvmFileDel { group } => {
+            let associated = |t: &TableId| {
+                state
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.file_added && g.associations.contains(t))
+            };
+            let tables: Vec<TableId> = done
+                .ended
+                .iter()
+                .filter(|t| state.window_of(**t).is_some() && !associated(t))
+                .copied()
+                .collect();
+            return super::procedures::associate_ops(state, group, &tables);
         }
         KernelOp::ContainerClose { .. }
         | KernelOp::CheckExtension { .. }
@@ -343,7 +408,6 @@ pub fn inverse(op: &KernelOp, output: &Output, state: &State) -> Vec<KernelOp> {
         | KernelOp::TceRemove { .. }
         | KernelOp::UnmapDma { .. }
         | KernelOp::EehPeOp { .. }
-        | KernelOp::KvmFileDel { .. }
         | KernelOp::KvmHasDeviceAttr { .. }
         | KernelOp::ReadTces { .. } => return Vec::new(),
     };

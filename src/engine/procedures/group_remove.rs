@@ -63,9 +63,7 @@ impl GroupRemove {
                     let starts: Vec<u64> = c
                         .map(|c| c.windows.keys().copied().collect())
                         .unwrap_or_default();
-                    for start in starts {
-                        ops.extend(remove_window_ops(state, mode, container, start));
-                    }
+                    ops.extend(remove_window_ops(state, mode, container, &starts));
                     ops.extend(register_ops(state, container, false));
                 }
                 if g.attached {

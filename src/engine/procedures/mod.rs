@@ -210,7 +210,7 @@ fn check_session_allows(
 /// to the kvm-vfio device first if it is not there. The file is added only here, right before
 /// its first SET_SPAPR_TCE: Linux warns (`kvm_spapr_tce_release_vfio_group`) when the device
 /// lets go of a file that never had one, and on POWER the file serves nothing else.
-fn associate_ops(state: &State, group: GroupId, tables: &[TableId]) -> Vec<KernelOp> {
+pub fn associate_ops(state: &State, group: GroupId, tables: &[TableId]) -> Vec<KernelOp> {
     if tables.is_empty() {
         return Vec::new();
     }
@@ -227,71 +227,92 @@ fn associate_ops(state: &State, group: GroupId, tables: &[TableId]) -> Vec<Kerne
     ops
 }
 
-/// Calls that end KVM's association of `table` with every group: there is no call for one
-/// association, so each associated group is deleted from the kvm-vfio device (releasing the
-/// associations with its current tables) and, if it has other tables, added back and
-/// associated again with them. Needed before the table's hardware window goes: KVM keeps
-/// programming a removed hardware table, and the pages it maps there are never unpinned.
-pub fn sever_ops(state: &State, table: TableId) -> Vec<KernelOp> {
-    let mut ops = Vec::new();
-    for (id, g) in &state.groups {
-        if !g.file_added || !g.associations.contains(&table) {
-            continue;
-        }
-        ops.push(KernelOp::KvmFileDel { group: *id });
-        let others: Vec<TableId> = g
-            .associations
-            .iter()
-            .filter(|t| **t != table)
-            .copied()
-            .collect();
-        if !others.is_empty() {
-            ops.push(KernelOp::KvmFileAdd { group: *id });
-            ops.extend(others.iter().map(|t| KernelOp::KvmSetSpaprTce {
-                group: *id,
-                table: *t,
-            }));
-        }
+/// Calls that end KVM's associations of `group` with `tables`: there is no call for one
+/// association, so the group is deleted from the kvm-vfio device (releasing the associations
+/// with all its current tables) and, if it has other tables, added back and associated again
+/// with them. Nothing if the group has none of `tables`.
+pub fn sever_group_ops(state: &State, group: GroupId, tables: &[TableId]) -> Vec<KernelOp> {
+    let Some(g) = state.groups.get(&group) else {
+        return Vec::new();
+    };
+    if !g.file_added || !tables.iter().any(|t| g.associations.contains(t)) {
+        return Vec::new();
+    }
+    let mut ops = vec![KernelOp::KvmFileDel { group }];
+    let others: Vec<TableId> = g
+        .associations
+        .iter()
+        .filter(|t| !tables.contains(t))
+        .copied()
+        .collect();
+    if !others.is_empty() {
+        ops.push(KernelOp::KvmFileAdd { group });
+        ops.extend(
+            others
+                .iter()
+                .map(|t| KernelOp::KvmSetSpaprTce { group, table: *t }),
+        );
     }
     ops
 }
 
-/// Calls that take down one hardware window: unmap what may be mapped, then remove it.
+/// Calls that end KVM's associations of `tables` with every group ([`sever_group_ops`]).
+/// Needed before the tables' hardware windows go: KVM keeps programming a removed hardware
+/// table, and the pages it maps there are never unpinned.
+fn sever_ops(state: &State, tables: &[TableId]) -> Vec<KernelOp> {
+    state
+        .groups
+        .keys()
+        .flat_map(|g| sever_group_ops(state, *g, tables))
+        .collect()
+}
+
+/// Calls that take down hardware windows of `container` (those at `starts`): end KVM's
+/// associations with their tables, then unmap what may be mapped in each and remove it. The
+/// associations of all of them end first, together: a group re-added with its other tables must
+/// not be associated again with a window that goes next.
 fn remove_window_ops(
     state: &State,
     mode: OwnershipMode,
     container: ContainerId,
-    start: u64,
+    starts: &[u64],
 ) -> Vec<KernelOp> {
-    let Some(w) = state
-        .containers
-        .get(&container)
-        .and_then(|c| c.windows.get(&start))
-    else {
+    let Some(c) = state.containers.get(&container) else {
         return Vec::new();
     };
-    let table = state.table_at(container, start).filter(|_| !w.default);
-    // In accelerated mode the kernel maps entries itself, so only a full unmap is certain to
-    // release them (QEMU unmaps the whole section too); in isolated mode the session knows.
-    let unmap = match (mode, table) {
-        (_, None) => false,
-        (OwnershipMode::Accelerated, Some(_)) => true,
-        (OwnershipMode::Isolated, Some(t)) => state.tables[&t].mapped.count() > 0,
-    };
-    // KVM must stop mapping into the window before it goes: an association left on a removed
+    let windows: Vec<(u64, u64, Option<TableId>)> = starts
+        .iter()
+        .filter_map(|s| {
+            let w = c.windows.get(s)?;
+            let table = state.table_at(container, *s).filter(|_| !w.default);
+            Some((*s, w.size, table))
+        })
+        .collect();
+    // KVM must stop mapping into the windows before they go: an association left on a removed
     // hardware table keeps taking guest maps that nothing ever unpins.
-    let mut ops = table.map(|t| sever_ops(state, t)).unwrap_or_default();
-    if unmap {
-        ops.push(KernelOp::UnmapDma {
+    let tables: Vec<TableId> = windows.iter().filter_map(|(_, _, t)| *t).collect();
+    let mut ops = sever_ops(state, &tables);
+    for (start, size, table) in windows {
+        // In accelerated mode the kernel maps entries itself, so only a full unmap is certain
+        // to release them (QEMU unmaps the whole section too); in isolated mode the session
+        // knows.
+        let unmap = match (mode, table) {
+            (_, None) => false,
+            (OwnershipMode::Accelerated, Some(_)) => true,
+            (OwnershipMode::Isolated, Some(t)) => state.tables[&t].mapped.count() > 0,
+        };
+        if unmap {
+            ops.push(KernelOp::UnmapDma {
+                container,
+                iova: start,
+                size,
+            });
+        }
+        ops.push(KernelOp::TceRemove {
             container,
-            iova: start,
-            size: w.size,
+            start_addr: start,
         });
     }
-    ops.push(KernelOp::TceRemove {
-        container,
-        start_addr: start,
-    });
     ops
 }
 
@@ -357,17 +378,17 @@ impl Procedure {
         Self::Teardown(Teardown::new())
     }
 
-    /// Whether a failure undoes the calls that succeeded. Removals and updates cannot be
-    /// undone faithfully; they stop and report what is left.
+    /// Whether a failure undoes the calls that succeeded. A window's removal undoes its KVM
+    /// calls, which end and restore associations, but a window removed stays removed. Other
+    /// removals and updates cannot be undone faithfully; they stop and report what is left.
     pub fn rolls_back(&self) -> bool {
         match self {
             Self::GroupAdd(_) | Self::MemAdd(_) | Self::MemRemove(_) | Self::WindowCreate(_) => {
                 true
             }
-            Self::WindowReset(_) => true,
+            Self::WindowRemove(_) | Self::WindowReset(_) => true,
             Self::GroupRemove(_)
             | Self::GroupAdopt(_)
-            | Self::WindowRemove(_)
             | Self::TceUpdate(_)
             | Self::Eeh(_)
             | Self::Teardown(_) => false,

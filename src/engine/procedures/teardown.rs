@@ -47,10 +47,7 @@ fn release_all_ops(state: &State, mode: OwnershipMode) -> Vec<KernelOp> {
             .map(|(g, _)| *g)
             .collect();
         let starts: Vec<u64> = c.windows.keys().copied().collect();
-        let removals: Vec<KernelOp> = starts
-            .iter()
-            .flat_map(|s| remove_window_ops(state, mode, *id, *s))
-            .collect();
+        let removals = remove_window_ops(state, mode, *id, &starts);
         // Unmap first, then FILE_DEL, then remove windows, unregister, detach, close.
         let (unmaps, removes): (Vec<_>, Vec<_>) = removals
             .into_iter()

@@ -45,7 +45,7 @@ impl WindowRemove {
                     state,
                     mode,
                     ContainerId(t.desc.container_id),
-                    t.desc.bus_offset,
+                    &[t.desc.bus_offset],
                 ))
             }
             WindowRemoveStage::Done => None,

@@ -72,12 +72,7 @@ impl WindowReset {
                     .keys()
                     .copied()
                     .collect();
-                Ok(Some(
-                    starts
-                        .into_iter()
-                        .flat_map(|s| remove_window_ops(state, mode, container, s))
-                        .collect(),
-                ))
+                Ok(Some(remove_window_ops(state, mode, container, &starts)))
             }
             WindowResetStage::CheckDefault => {
                 let Some(table) = self.default else {
