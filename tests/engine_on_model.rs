@@ -917,3 +917,31 @@ fn seed_effect_isolated_every_hypercall_reaches_the_sidecar() {
     w.check().unwrap();
     w.end().unwrap();
 }
+
+/// Linux's sPAPR driver answers a MAP_DMA or UNMAP_DMA whose bus address its IOMMU page does not
+/// align with 1 and changes nothing; the kernel backend reports that as EINVAL (PROTOCOL.md
+/// §6.1), not as done.
+#[test]
+fn misaligned_map_and_unmap_dma_fail_with_einval() {
+    let mut w = set_up(OwnershipMode::Accelerated);
+    let (bus, _, _) = TABLES[1];
+    let map = KernelOp::MapDma {
+        container: C0,
+        region: RegionId(0),
+        offset: 0,
+        iova: bus + PAGE / 2,
+        size: 1 << 16,
+        access: DmaAccess {
+            read: true,
+            write: true,
+        },
+    };
+    let unmap = KernelOp::UnmapDma {
+        container: C0,
+        iova: bus + PAGE / 2,
+        size: 1 << 16,
+    };
+    for op in [map, unmap] {
+        assert_eq!(w.fe_kernel.execute(&op, &w.fe), Err(Errno::INVAL), "{op:?}");
+    }
+}

@@ -220,7 +220,8 @@ impl Kernel for Linux {
                 };
                 // SAFETY: the sPAPR driver reads a `struct vfio_iommu_type1_dma_map`; v2 looks
                 // `vaddr` up among the registered regions of the container's mm.
-                unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_MAP_DMA, &mut arg) }?;
+                let ret = unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_MAP_DMA, &mut arg) }?;
+                changed_nothing_if_positive(ret)?;
                 Ok(Output::Done)
             }
             KernelOp::UnmapDma {
@@ -239,7 +240,8 @@ impl Kernel for Linux {
                 // SAFETY: the call reads (and may write back) the fixed part of
                 // `struct vfio_iommu_type1_dma_unmap`; `argsz` excludes the flexible array
                 // and no flag that uses it is set.
-                unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_UNMAP_DMA, &mut arg) }?;
+                let ret = unsafe { ioctl_ptr(fd, Ioctl::VFIO_IOMMU_UNMAP_DMA, &mut arg) }?;
+                changed_nothing_if_positive(ret)?;
                 // The sPAPR driver clears the whole range or fails, and does not write `size`
                 // back (Type1 does), so on success this is the size asked for.
                 Ok(Output::Unmapped(arg.size))
@@ -558,6 +560,15 @@ unsafe fn ioctl_ptr<T>(fd: BorrowedFd<'_>, op: Ioctl, arg: &mut T) -> Result<u32
     // guarantees it has the layout the kernel expects.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), op.native(), arg as *mut T as *mut c_void) };
     check(ret)
+}
+
+/// The sPAPR driver's MAP_DMA and UNMAP_DMA return 1, having changed nothing, when their
+/// parameter check (a boolean in Linux) fails on a misaligned address (PROTOCOL.md §6.1).
+pub(crate) fn changed_nothing_if_positive(ret: impl Into<u64>) -> Result<(), Errno> {
+    match ret.into() {
+        0 => Ok(()),
+        _ => Err(Errno::INVAL),
+    }
 }
 
 fn check(ret: libc::c_int) -> Result<u32, Errno> {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::linux::{address_in, dma_flags, read_tces};
+use super::linux::{address_in, changed_nothing_if_positive, dma_flags, read_tces};
 use super::model::server::{CallError, ModelClient};
 
 use super::model::{DmaMap, DmaUnmap, EehPeOp, FileKind, RegisterMemory, TceCreate, TceRemove};
@@ -186,17 +186,21 @@ impl Kernel for ModelBackend {
                     flags: dma_flags(access),
                     ..DmaMap::new(vaddr, iova, size)
                 };
-                c.vfio_map_dma(self.container(container)?, map)
-                    .map(|_| Output::Done)
-                    .map_err(errno)
+                let ret = c
+                    .vfio_map_dma(self.container(container)?, map)
+                    .map_err(errno)?;
+                changed_nothing_if_positive(ret)?;
+                Ok(Output::Done)
             }
             KernelOp::UnmapDma {
                 container,
                 iova,
                 size,
             } => {
-                c.vfio_unmap_dma(self.container(container)?, DmaUnmap::new(iova, size))
+                let ret = c
+                    .vfio_unmap_dma(self.container(container)?, DmaUnmap::new(iova, size))
                     .map_err(errno)?;
+                changed_nothing_if_positive(ret)?;
                 // As on Linux, the sPAPR driver clears the whole range or fails.
                 Ok(Output::Unmapped(size))
             }
