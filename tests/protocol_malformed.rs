@@ -765,6 +765,20 @@ fn reply_malformed_fixed_part_is_refused() {
         invalid_flags(1),
     );
     assert_reply_refused(&reply_fixed(0, 2, 0, 0, 0, 0), 0, invalid_flags(2));
+    // A body with operations: it belongs to the final reply.
+    assert_reply_refused(
+        &[
+            reply_fixed(0, 1, 3, 1, 0, 8),
+            op_record(7, 0, 0, [0; 3]),
+            vec![0; 8],
+        ]
+        .concat(),
+        0,
+        DecodeErrorKind::Invalid {
+            field: "body_len",
+            value: 8,
+        },
+    );
 }
 
 #[test]

@@ -214,6 +214,7 @@ class Sidecar:
         check(bool(flags & R_OPS) == (txn != 0) == (nops != 0), "OPS, transaction and op_count disagree")
         check(not flags & R_ROLLBACK or flags & R_OPS, "ROLLBACK without OPS")
         check(not flags & R_OPS or status == 0, "nonzero status with operations pending")
+        check(not flags & R_OPS or blen == 0, "a body with operations (it comes with the final reply)")
         check(nops <= 512 and tlen <= 1024, "too many operations or too much text")
         off = REPLY_FIXED.size
         ops = [OP.unpack_from(body, off + OP.size * i) for i in range(nops)]

@@ -119,6 +119,13 @@ pub fn decode_reply(
             value: flags.into(),
         });
     }
+    // The request's body comes with its final reply (§3).
+    if has_ops && body_len != 0 {
+        return fail(DecodeErrorKind::Invalid {
+            field: "body_len",
+            value: body_len as u64,
+        });
+    }
     let ops_end = REPLY_FIXED + OP_RECORD_SIZE * op_count;
     let ops = payload[REPLY_FIXED..ops_end]
         .chunks_exact(OP_RECORD_SIZE)
