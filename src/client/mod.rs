@@ -9,12 +9,15 @@
 #![deny(unsafe_code)]
 
 pub mod model_vm;
+mod scope;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use rustix::io::Errno;
 
@@ -25,9 +28,21 @@ use crate::kernel::{
 use crate::protocol::{
     decode_reply, encode_request, send_frame, DecodeError, EehBody, EehRequest, FdRule,
     FeaturesBody, FrameReader, GroupDesc, MemRegion, OpResult, OwnerOp, RecvError, Reply, Request,
-    TableDesc, TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody,
-    FEATURE_MODE_ACCELERATED, FEATURE_MODE_ISOLATED,
+    RequestCode, TableDesc, TceUpdate, TceUpdateBody, WindowCreateBody, WindowQueryBody,
+    FEATURE_MODE_ACCELERATED, FEATURE_MODE_ISOLATED, MAX_OPS,
 };
+
+/// How long [`Client::connect`] lets the sidecar take to answer, on connecting and for every
+/// reply (§1.2 "a deadline on every wait"); generous enough for an isolated `MEM_ADD` to pin a
+/// guest's RAM. Callers change it with `stream().set_read_timeout()`.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A transaction may take at most this many replies with operations, and this many operations
+/// in all (§1.2 "bounded transactions"), QEMU's bounds: the most a session's own objects can
+/// need is a GROUP_ADD registering each of 512 regions or a TCE_UPDATE of 512 entries (an unmap
+/// and a map each), then a rollback of as many.
+const MAX_ROUNDS: u32 = 16;
+const MAX_TRANSACTION_OPS: usize = 4 * MAX_OPS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -92,7 +107,22 @@ impl Client {
         kernel: Box<dyn Kernel + Send>,
         kvm_vfio: Option<OwnedFd>,
     ) -> Result<Self, ClientError> {
+        Self::connect_within(path, mode, extra, kernel, kvm_vfio, DEFAULT_DEADLINE)
+    }
+
+    /// [`Client::connect`] with `deadline` on every read and write of the session: a sidecar
+    /// that takes longer is taken for gone.
+    pub fn connect_within(
+        path: impl AsRef<Path>,
+        mode: OwnershipMode,
+        extra: u64,
+        kernel: Box<dyn Kernel + Send>,
+        kvm_vfio: Option<OwnedFd>,
+        deadline: Duration,
+    ) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(deadline))?;
+        stream.set_write_timeout(Some(deadline))?;
         let mut client = Self {
             stream,
             reader: FrameReader::new(true).refusing_fds(),
@@ -347,12 +377,25 @@ impl Client {
         }
     }
 
-    /// Executes a batch of owner operations in order, stopping at the first failure.
-    fn execute(&mut self, ops: &[OwnerOp]) -> Vec<OpResult> {
+    /// Executes a batch of owner operations in order, stopping at the first failure. Only the
+    /// kinds `request` allows (none in isolated mode), on this front-end's objects, are executed;
+    /// an `EEH_OP` allows only the PE operation it asked for.
+    fn execute(
+        &mut self,
+        request: RequestCode,
+        eeh: Option<EehRequest>,
+        rollback: bool,
+        ops: &[OwnerOp],
+    ) -> Vec<OpResult> {
+        let kinds = match self.mode {
+            OwnershipMode::Accelerated => scope::allowed_kinds(request, rollback),
+            OwnershipMode::Isolated => &[],
+        };
         let mut results = Vec::with_capacity(ops.len());
         for owner_op in ops {
             let op = KernelOp::from(*owner_op);
-            let result = if self.allowed(&op) {
+            let in_scope = kinds.contains(&owner_op.kind()) && scope::requested_eeh(&op, eeh);
+            let result = if in_scope && self.allowed(&op) {
                 self.kernel.execute(&op, &self.objects)
             } else {
                 Err(Errno::PERM)
@@ -413,9 +456,30 @@ impl Client {
         request: Request,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Reply, ClientError> {
+        let result = self.run_transaction(request, fd);
+        if result.as_ref().is_err_and(|e| e.errno().is_none()) {
+            // A broken reply, a missed deadline or a lost connection ends the session (§1.2):
+            // no later request may take a late or stray reply for its own.
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        result
+    }
+
+    fn run_transaction(
+        &mut self,
+        request: Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Reply, ClientError> {
         self.stats.requests += 1;
+        let opening = request.code();
+        let name = opening.name();
+        let eeh = match &request {
+            Request::EehOp(eeh) => Some(*eeh),
+            _ => None,
+        };
         let mut code = request.code() as u32;
         self.send(&request, fd)?;
+        let (mut transaction, mut rounds, mut ops) = (0, 0, 0);
         loop {
             let reply = self.receive(code)?;
             if reply.ops.is_empty() {
@@ -428,7 +492,22 @@ impl Client {
                 }
                 return Ok(reply);
             }
-            let results = self.execute(&reply.ops);
+            // The first reply with operations fixes the transaction's id (§6).
+            if transaction != 0 && reply.transaction != transaction {
+                return Err(ClientError::Protocol(format!(
+                    "the sidecar changed the transaction of {name} from {transaction} to {}",
+                    reply.transaction
+                )));
+            }
+            transaction = reply.transaction;
+            rounds += 1;
+            ops += reply.ops.len();
+            if rounds > MAX_ROUNDS || ops > MAX_TRANSACTION_OPS {
+                return Err(ClientError::Protocol(format!(
+                    "the transaction of {name} goes on beyond {MAX_ROUNDS} replies or {MAX_TRANSACTION_OPS} operations"
+                )));
+            }
+            let results = self.execute(opening, eeh, reply.rollback, &reply.ops);
             let answer = Request::OpsResult {
                 transaction: reply.transaction,
                 results,
