@@ -6,6 +6,7 @@
 //! the kernel calls and the process the kernel lets make each are in [`kernel`].
 
 pub mod client;
+pub mod conformance;
 pub mod daemon;
 pub mod engine;
 pub mod kernel;

@@ -59,6 +59,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         }
         Some(Command::LibvirtInstall { bin }) => return Ok(libvirt::install::install(bin)?),
         Some(Command::LibvirtUninstall) => return Ok(libvirt::install::uninstall()?),
+        Some(Command::Conformance(target)) => {
+            return match tce_sidecar::conformance::run(target)? {
+                true => Ok(()),
+                false => Err("some conformance checks failed".into()),
+            };
+        }
         Some(Command::Worker(args)) => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)

@@ -14,6 +14,7 @@ use common::{
 };
 use tce_sidecar::client::model_vm::{GuestTable, ModelVm};
 use tce_sidecar::client::Client;
+use tce_sidecar::conformance::wire;
 use tce_sidecar::kernel::model::{
     eeh_op, HcallOutcome, Mm, H_PUT_TCE, TCE_PCI_READ, TCE_PCI_WRITE, VFIO_EEH_PE_STATE_NORMAL,
 };
@@ -451,5 +452,58 @@ fn eeh_recovery_reaches_the_pe_in_both_modes() {
                 OwnershipMode::Isolated => assert!(executed.is_empty(), "{executed:?}"),
             }
         }
+    }
+}
+
+/// The sessions `GET_STATUS` lists, across its pages, over the kit's hand-written wire.
+fn listed_sessions(conn: &wire::Conn) -> Vec<serde_json::Value> {
+    let mut first = 0u32;
+    let mut all = Vec::new();
+    loop {
+        let payload = wire::Le::new().u32(first).u32(0).bytes();
+        let reply = conn.call(wire::GET_STATUS, &payload).unwrap().ok().unwrap();
+        let page: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        all.extend(page["sessions"].as_array().cloned().unwrap_or_default());
+        match page["next_session"].as_u64() {
+            Some(next) => first = next as u32,
+            None => return all,
+        }
+    }
+}
+
+#[test]
+fn sixty_four_concurrent_clients_each_served_correctly() {
+    const CLIENTS: usize = 64;
+    let sidecar = Arc::new(Sidecar::start("s-64", &[]));
+    let negotiated = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let checked = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (sidecar, negotiated, checked) = (
+                Arc::clone(&sidecar),
+                Arc::clone(&negotiated),
+                Arc::clone(&checked),
+            );
+            std::thread::spawn(move || {
+                let conn = wire::Conn::connect(&sidecar.socket, IO_TIMEOUT).unwrap();
+                let mode = if i % 2 == 0 {
+                    wire::MODE_ACCELERATED
+                } else {
+                    wire::MODE_ISOLATED
+                };
+                let reply = conn.call(wire::SET_FEATURES, &mode.to_le_bytes()).unwrap();
+                assert_eq!(reply.ok().unwrap().body, mode.to_le_bytes());
+                // Every client lists the sessions while all 64 are open.
+                negotiated.wait();
+                let sessions = listed_sessions(&conn);
+                assert_eq!(sessions.len(), CLIENTS);
+                let isolated = sessions.iter().filter(|s| s["mode"] == "isolated").count();
+                assert_eq!(isolated, CLIENTS / 2);
+                checked.wait();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread");
     }
 }

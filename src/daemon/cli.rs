@@ -50,6 +50,9 @@ pub enum Command {
     },
     /// Remove what libvirt-install installed (not the user).
     LibvirtUninstall,
+    /// Check a back-end or a front-end against protocol/PROTOCOL.md over its socket.
+    #[command(subcommand)]
+    Conformance(crate::conformance::Target),
 }
 
 /// A sidecar's ownership mode, on the command line.
