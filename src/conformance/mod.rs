@@ -4,11 +4,14 @@
 //! - `tce-sidecar conformance backend --socket PATH` plays a front-end against the back-end
 //!   listening at PATH: every message, every error class in its order, the state machine,
 //!   transactions and their rollback, both modes on the model kernel, and the trust rules.
+//! - `tce-sidecar conformance frontend --listen PATH` plays a back-end for the front-end that
+//!   connects to PATH, sends it one kind of bad reply per connection, and reports what it did.
 //!
 //! Each check prints one line as it ends, then a summary; `--format tap` prints TAP instead and
 //! `--junit FILE` also writes JUnit XML. The exit status is 0 only if no check failed.
 
 pub mod backend;
+pub mod frontend;
 pub mod report;
 pub mod wire;
 
@@ -23,6 +26,8 @@ use report::{CheckResult, Format, Outcome, Report};
 pub enum Target {
     /// Run the conformance suite against the back-end listening on a socket.
     Backend(backend::Args),
+    /// Play a back-end for a front-end under test: one bad reply per connection.
+    Frontend(frontend::Args),
 }
 
 /// Options both targets share.
@@ -128,5 +133,6 @@ pub fn finish(mut report: Report, output: &OutputArgs) -> Result<bool, Box<dyn E
 pub fn run(target: Target) -> Result<bool, Box<dyn Error>> {
     match target {
         Target::Backend(args) => backend::run(args),
+        Target::Frontend(args) => frontend::run(args),
     }
 }
