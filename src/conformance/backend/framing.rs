@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::{group_add, id, offered, own_session, status_page, Peer};
+use super::{group_add, id, offered, offered_mode, own_session, page, region, status_page, Peer};
 use crate::conformance::wire::*;
 use crate::conformance::{Check, Checked};
 use crate::ensure;
@@ -205,11 +205,7 @@ fn get_features(peer: &Peer) -> Checked {
 fn set_features_refused(peer: &Peer) -> Checked {
     let conn = peer.connect()?;
     let features = offered(&conn)?;
-    let mode = if features & MODE_ISOLATED != 0 {
-        MODE_ISOLATED
-    } else {
-        MODE_ACCELERATED
-    };
+    let mode = offered_mode(features, MODE_ISOLATED);
     conn.call(SET_FEATURES, &(mode | 1 << 9).to_le_bytes())?
         .error(ENOTSUP)?;
     conn.call(
@@ -239,11 +235,7 @@ fn set_features_refused(peer: &Peer) -> Checked {
 fn set_features_once(peer: &Peer) -> Checked {
     let conn = peer.connect()?;
     let features = offered(&conn)?;
-    let mode = if features & MODE_ACCELERATED != 0 {
-        MODE_ACCELERATED
-    } else {
-        MODE_ISOLATED
-    };
+    let mode = offered_mode(features, MODE_ACCELERATED);
     let wanted = features & !(MODE_ACCELERATED | MODE_ISOLATED) | mode;
     let reply = conn.call(SET_FEATURES, &wanted.to_le_bytes())?.ok()?;
     ensure!(
@@ -288,11 +280,7 @@ fn status_in_every_state(peer: &Peer) -> Checked {
         me["phase"],
         me["mode"]
     );
-    let mode = if offered(&conn)? & MODE_ISOLATED != 0 {
-        MODE_ISOLATED
-    } else {
-        MODE_ACCELERATED
-    };
+    let mode = offered_mode(offered(&conn)?, MODE_ISOLATED);
     conn.call(SET_FEATURES, &mode.to_le_bytes())?.ok()?;
     let me = own_session(&conn)?;
     let name = if mode == MODE_ISOLATED {
@@ -347,7 +335,7 @@ fn fd_count(peer: &Peer) -> Checked {
 
 fn fds_with_the_header(peer: &Peer) -> Checked {
     let conn = peer.session(MODE_ISOLATED)?;
-    let fd = memfd(4096, true)?;
+    let fd = memfd(page(), true)?;
     // The fd rides on the last bytes of a 20,508-byte OPS_RESULT: it arrives in a read in which
     // its message did not begin.
     let mut results = Le::new().u32(1).u32(512).bytes();
@@ -363,15 +351,8 @@ fn fds_with_the_header(peer: &Peer) -> Checked {
     );
     reply.error(EBADF)?;
     // With the header, then the payload in a second write: the fd is the message's.
-    let region = Le::new()
-        .u32(1)
-        .u32(0)
-        .u64(0)
-        .u64(4096)
-        .u64(0x10000)
-        .u64(0)
-        .bytes();
-    let whole = request(MEM_ADD, &region);
+    let added = region(1, 0, page());
+    let whole = request(MEM_ADD, &added);
     conn.send_fds(&whole[..HEADER_SIZE], &[fd.as_fd()])?;
     conn.send(&whole[HEADER_SIZE..])?;
     let reply = conn.reply()?;
@@ -381,7 +362,7 @@ fn fds_with_the_header(peer: &Peer) -> Checked {
         reply.code
     );
     reply.ok()?;
-    conn.call(MEM_REMOVE, &region)?.ok()?;
+    conn.call(MEM_REMOVE, &added)?.ok()?;
     Ok(())
 }
 
@@ -412,7 +393,7 @@ fn reserved_fields(peer: &Peer) -> Checked {
 /// Checks run in the order of §2.2; the first failing one decides the reply.
 fn order(peer: &Peer) -> Checked {
     let conn = peer.connect()?;
-    let fd = memfd(4096, true)?;
+    let fd = memfd(page(), true)?;
     // Payload size before fds.
     conn.call(GROUP_ADD, &group_add(1, 0, 1)[..12])?
         .error(EINVAL)?;
@@ -429,24 +410,10 @@ fn order(peer: &Peer) -> Checked {
     // The fd the request carries before the request's own rules: an isolated MEM_ADD whose
     // region id is in use and whose fd is not sealed.
     let conn = peer.session(MODE_ISOLATED)?;
-    let region = Le::new()
-        .u32(1)
-        .u32(0)
-        .u64(0)
-        .u64(4096)
-        .u64(0x10000)
-        .u64(0)
-        .bytes();
-    conn.call_fds(MEM_ADD, &region, &[fd.as_fd()])?.ok()?;
-    let unsealed = memfd(4096, false)?;
-    let other = Le::new()
-        .u32(1)
-        .u32(0)
-        .u64(0x10000)
-        .u64(4096)
-        .u64(0x20000)
-        .u64(0)
-        .bytes();
+    conn.call_fds(MEM_ADD, &region(1, 0, page()), &[fd.as_fd()])?
+        .ok()?;
+    let unsealed = memfd(page(), false)?;
+    let other = region(1, page(), page());
     conn.call_fds(MEM_ADD, &other, &[unsealed.as_fd()])?
         .error(EPERM)?;
     conn.call_fds(MEM_ADD, &other, &[fd.as_fd()])?
@@ -461,11 +428,7 @@ fn session_goes_on(peer: &Peer) -> Checked {
     conn.call(GET_FEATURES, &[0; 8])?.error(EINVAL)?;
     conn.call(WINDOW_QUERY, &id(0))?.error(EPROTO)?;
     let features = offered(&conn)?;
-    let mode = if features & MODE_ISOLATED != 0 {
-        MODE_ISOLATED
-    } else {
-        MODE_ACCELERATED
-    };
+    let mode = offered_mode(features, MODE_ISOLATED);
     conn.call(SET_FEATURES, &mode.to_le_bytes())?.ok()?;
     conn.call(GROUP_ADD, &group_add(1, 0, 1))?.error(EBADF)?;
     conn.call(WINDOW_QUERY, &id(5))?.error(ENOENT)?;

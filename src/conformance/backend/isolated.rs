@@ -2,10 +2,9 @@
 //! itself, on guest RAM it maps from the front-end's memfds; no reply carries an operation.
 
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
 
 use super::front_end::{FrontEnd, RAM};
-use super::{all_sessions, eeh, group_add, id, own_session, tce_inline, Peer};
+use super::{eeh, group_add, id, own_session, tce_inline, wait_session_gone, Peer};
 use crate::conformance::wire::*;
 use crate::conformance::{Check, Checked, Failure};
 use crate::ensure;
@@ -207,15 +206,7 @@ fn teardown(peer: &Peer) -> Checked {
     let worker = super::worker_pid(&conn)?;
     drop(conn);
     // The session goes from GET_STATUS, and with it what it pinned and mapped.
-    let watcher = peer.connect()?;
-    let until = Instant::now() + peer.deadline;
-    while all_sessions(&watcher)?.iter().any(|s| s["id"] == me) {
-        ensure!(
-            Instant::now() < until,
-            "the closed session is still listed after the deadline"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_session_gone(peer, &me)?;
     ensure!(
         mapped(&fe, 0)?.is_none(),
         "the IOMMU still maps the closed session's entry"

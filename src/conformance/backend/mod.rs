@@ -147,6 +147,46 @@ pub fn worker_pid(conn: &Conn) -> Result<u32, String> {
         .ok_or_else(|| "GET_STATUS gives no worker_pid for the session".to_owned())
 }
 
+/// The host's page size: the unit of a region's alignment (§7.4).
+pub fn page() -> u64 {
+    rustix::param::page_size() as u64
+}
+
+/// `MEM_ADD` (and its `MEM_REMOVE`) of region `id`: `size` bytes at guest address `guest`.
+pub fn region(id: u32, guest: u64, size: u64) -> Vec<u8> {
+    Le::new()
+        .u32(id)
+        .u32(0)
+        .u64(guest)
+        .u64(size)
+        .u64(0x7000_0000 + guest)
+        .u64(0)
+        .bytes()
+}
+
+/// One ownership mode the back-end offers in `features`: `preferred` if it offers it.
+pub fn offered_mode(features: u64, preferred: u64) -> u64 {
+    match features & preferred {
+        0 => (MODE_ACCELERATED | MODE_ISOLATED) & !preferred,
+        _ => preferred,
+    }
+}
+
+/// Waits until `GET_STATUS` no longer lists session `id`, as it must once the session ended.
+pub fn wait_session_gone(peer: &Peer, id: &serde_json::Value) -> Result<(), String> {
+    let watcher = peer.connect()?;
+    let until = std::time::Instant::now() + peer.deadline;
+    while all_sessions(&watcher)?.iter().any(|s| s["id"] == *id) {
+        if std::time::Instant::now() >= until {
+            return Err(format!(
+                "the ended session {id} is still listed after the deadline"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// `u32 id, u32 reserved`: the payload of the requests that name one object.
 pub fn id(v: u32) -> Vec<u8> {
     Le::new().u32(v).u32(0).bytes()

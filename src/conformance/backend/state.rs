@@ -3,7 +3,7 @@
 use std::os::fd::AsFd;
 
 use super::framing::memfd;
-use super::{eeh, group_add, id, own_session, tce_inline, Peer};
+use super::{eeh, group_add, id, own_session, page, region, tce_inline, Peer};
 use crate::conformance::wire::*;
 use crate::conformance::{Check, Checked, Failure};
 use crate::ensure;
@@ -39,14 +39,7 @@ pub const CHECKS: &[Check<Peer>] = &[
 /// A well-formed request of every state-bound kind, with the fd count it carries before
 /// `SET_FEATURES` (§2.3): code, payload, fds.
 fn state_bound_requests() -> Vec<(u32, Vec<u8>, usize)> {
-    let region = Le::new()
-        .u32(1)
-        .u32(0)
-        .u64(0)
-        .u64(4096)
-        .u64(0x10000)
-        .u64(0)
-        .bytes();
+    let region = region(1, 0, page());
     let table = Le::new()
         .u32(1)
         .u32(0)

@@ -2,11 +2,10 @@
 //! session unable to disturb another, and a session ended in any state torn down.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::{Duration, Instant};
 
 use super::accelerated::{self, ACCELERATED};
 use super::framing::memfd;
-use super::{all_sessions, group_add, id, own_session, status_page, Peer};
+use super::{group_add, id, own_session, page, region, status_page, wait_session_gone, Peer};
 use crate::conformance::wire::*;
 use crate::conformance::{Check, Checked, Failure};
 use crate::ensure;
@@ -44,30 +43,19 @@ pub const CHECKS: &[Check<Peer>] = &[
     },
 ];
 
-fn region(region: u32, guest: u64, size: u64) -> Vec<u8> {
-    Le::new()
-        .u32(region)
-        .u32(0)
-        .u64(guest)
-        .u64(size)
-        .u64(0x7000_0000 + guest)
-        .u64(0)
-        .bytes()
-}
-
 fn isolated_memfd_seals(peer: &Peer) -> Checked {
     let conn = peer.session(MODE_ISOLATED)?;
-    let unsealed = memfd(4096, false)?;
-    conn.call_fds(MEM_ADD, &region(1, 0, 4096), &[unsealed.as_fd()])?
+    let unsealed = memfd(page(), false)?;
+    conn.call_fds(MEM_ADD, &region(1, 0, page()), &[unsealed.as_fd()])?
         .error(EPERM)?;
-    let short = memfd(4096, true)?;
-    conn.call_fds(MEM_ADD, &region(1, 0, 8192), &[short.as_fd()])?
+    let short = memfd(page(), true)?;
+    conn.call_fds(MEM_ADD, &region(1, 0, 2 * page()), &[short.as_fd()])?
         .error(EINVAL)?;
     let path = std::env::temp_dir().join(format!("tce-conformance-{}", std::process::id()));
     let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&path);
-    file.set_len(4096).map_err(|e| e.to_string())?;
-    conn.call_fds(MEM_ADD, &region(1, 0, 4096), &[file.as_fd()])?
+    file.set_len(page()).map_err(|e| e.to_string())?;
+    conn.call_fds(MEM_ADD, &region(1, 0, page()), &[file.as_fd()])?
         .error(EPERM)?;
     // A table fd: the same seal is required.
     let mut fe = peer.front_end()?;
@@ -89,9 +77,9 @@ fn accelerated_table_fd(peer: &Peer) -> Checked {
     let not_kvm = memfd(4096, true)?;
     conn.call_fds(TABLE_ADD, &table, &[not_kvm.as_fd()])?
         .error(EBADF)?;
-    // The KVM table holds 64 entries (one page); the request names 4096 (eight pages).
+    // The KVM table holds 64 entries; the request names two host pages of them.
     let mut more = table.clone();
-    more[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    more[24..32].copy_from_slice(&(2 * page() / 8).to_le_bytes());
     conn.call_fds(TABLE_ADD, &more, &[fe.table_fd(1)])?
         .error(EINVAL)?;
     conn.call_fds(TABLE_ADD, &table, &[fe.table_fd(1)])?.ok()?;
@@ -115,11 +103,11 @@ fn refused_fds_closed(peer: &Peer) -> Checked {
         .map(|_| memfd(4096, true))
         .collect::<Result<_, _>>()?;
     let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-    let unsealed = memfd(4096, false)?;
+    let unsealed = memfd(page(), false)?;
     conn.call_fds(GET_FEATURES, &[], &fds[..1])?.error(EBADF)?;
     conn.call_fds(GROUP_ADD, &group_add(1, 0, 1), &fds[..2])?
         .error(EBADF)?;
-    conn.call_fds(MEM_ADD, &region(1, 0, 4096), &[unsealed.as_fd()])?
+    conn.call_fds(MEM_ADD, &region(1, 0, page()), &[unsealed.as_fd()])?
         .error(EPERM)?;
     conn.call_fds(
         TABLE_ADD,
@@ -157,10 +145,9 @@ fn limits(peer: &Peer) -> Checked {
         regions <= 4096,
         "daemon.limits.regions is {regions}: too many to check here"
     );
-    let shift = rustix::param::page_size().trailing_zeros();
-    let page = 1u64 << shift;
+    let shift = page().trailing_zeros();
     let add = |n: u64| {
-        let mut payload = region(n as u32, n * page, page);
+        let mut payload = region(n as u32, n * page(), page());
         payload[4..8].copy_from_slice(&shift.to_le_bytes());
         conn.call(MEM_ADD, &payload)
     };
@@ -173,8 +160,8 @@ fn limits(peer: &Peer) -> Checked {
 
 fn sessions_independent(peer: &Peer) -> Checked {
     let conn = peer.session(MODE_ISOLATED)?;
-    let ram = memfd(4096, true)?;
-    conn.call_fds(MEM_ADD, &region(1, 0, 4096), &[ram.as_fd()])?
+    let ram = memfd(page(), true)?;
+    conn.call_fds(MEM_ADD, &region(1, 0, page()), &[ram.as_fd()])?
         .ok()?;
     let before = own_session(&conn)?;
     // Others: a broken frame, garbage, a refused request, and one that pipelines requests and
@@ -185,7 +172,7 @@ fn sessions_independent(peer: &Peer) -> Checked {
     garbage.send(&[0xff; 4096])?;
     let refused = peer.connect()?;
     refused
-        .call(MEM_REMOVE, &region(1, 0, 4096))?
+        .call(MEM_REMOVE, &region(1, 0, page()))?
         .error(EPROTO)?;
     let stalled = peer.connect()?;
     stalled
@@ -200,14 +187,15 @@ fn sessions_independent(peer: &Peer) -> Checked {
     }
     // The first session is served, unchanged.
     conn.call(GET_FEATURES, &[])?.ok()?;
-    conn.call(MEM_REMOVE, &region(2, 0, 4096))?.error(ENOENT)?;
+    conn.call(MEM_REMOVE, &region(2, 0, page()))?
+        .error(ENOENT)?;
     let after = own_session(&conn)?;
     ensure!(
         (after["regions"].clone(), after["phase"].clone())
             == (before["regions"].clone(), before["phase"].clone()),
         "the session changed while others misbehaved: before {before}, after {after}"
     );
-    conn.call(MEM_REMOVE, &region(1, 0, 4096))?.ok()?;
+    conn.call(MEM_REMOVE, &region(1, 0, page()))?.ok()?;
     Ok(())
 }
 
@@ -220,15 +208,7 @@ fn disconnect_in_a_transaction(peer: &Peer) -> Checked {
     );
     let me = own_session(&conn)?["id"].clone();
     drop(conn);
-    let watcher = peer.connect()?;
-    let until = Instant::now() + peer.deadline;
-    while all_sessions(&watcher)?.iter().any(|s| s["id"] == me) {
-        ensure!(
-            Instant::now() < until,
-            "the session closed in a transaction is still listed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    watcher.call(WINDOW_QUERY, &id(0))?.error(EPROTO)?;
+    wait_session_gone(peer, &me)?;
+    peer.connect()?.call(WINDOW_QUERY, &id(0))?.error(EPROTO)?;
     Ok(())
 }
