@@ -202,3 +202,42 @@ fn a_faithful_proxy_passes_every_check() {
     let (passed, out) = kit(&socket, &sidecar.model_socket, &[]);
     assert!(passed, "{out}\n{}", sidecar.log());
 }
+
+/// A daemon on the real kernel: the kit fails nothing, and skips, each with its reason, what needs
+/// the model kernel or a mode the host does not offer (on x86_64 none: no sPAPR VFIO).
+#[test]
+fn against_the_real_kernel_the_kit_skips_what_it_cannot_check() {
+    let dir = common::TestDir::new("kit-linux");
+    let socket = dir.path().join("sidecar.sock");
+    let mut command = Command::new(BIN);
+    let extra = common::unprivileged(&mut command, &[]);
+    let mut daemon = command
+        .args([
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--log-level",
+            "error",
+        ])
+        .args(&extra)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start the daemon");
+    common::wait_until("the daemon listens", common::READY, || socket.exists());
+    let mut kit_command = Command::new(BIN);
+    kit_command.args([
+        "conformance",
+        "backend",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    let out = run_bounded(&mut kit_command, KIT_TIMEOUT);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" 0 failed, "), "{text}");
+    assert!(
+        text.contains("skip  accelerated.group-add (§6.3, §7.4, §7.5): "),
+        "{text}"
+    );
+}

@@ -192,10 +192,6 @@ fn get_features(peer: &Peer) -> Checked {
         features & !FEATURES_DEFINED
     );
     ensure!(
-        features & (MODE_ACCELERATED | MODE_ISOLATED) != 0,
-        "no ownership mode offered ({features:#x})"
-    );
-    ensure!(
         features & FEATURE_REBUILD == 0 || features & MODE_ACCELERATED != 0,
         "REBUILD offered without MODE_ACCELERATED"
     );
@@ -205,14 +201,17 @@ fn get_features(peer: &Peer) -> Checked {
 fn set_features_refused(peer: &Peer) -> Checked {
     let conn = peer.connect()?;
     let features = offered(&conn)?;
-    let mode = offered_mode(features, MODE_ISOLATED);
+    let mode = offered_mode(features, MODE_ISOLATED)?;
     conn.call(SET_FEATURES, &(mode | 1 << 9).to_le_bytes())?
         .error(ENOTSUP)?;
-    conn.call(
-        SET_FEATURES,
-        &(MODE_ACCELERATED | MODE_ISOLATED).to_le_bytes(),
-    )?
-    .error(EINVAL)?;
+    // Two modes: -EINVAL, or -ENOTSUP if one is not offered (unsupported bits come first).
+    let both = MODE_ACCELERATED | MODE_ISOLATED;
+    let errno = if features & both == both {
+        EINVAL
+    } else {
+        ENOTSUP
+    };
+    conn.call(SET_FEATURES, &both.to_le_bytes())?.error(errno)?;
     conn.call(SET_FEATURES, &0u64.to_le_bytes())?
         .error(EINVAL)?;
     // The session stays unnegotiated: state-bound requests are still refused as such.
@@ -235,7 +234,7 @@ fn set_features_refused(peer: &Peer) -> Checked {
 fn set_features_once(peer: &Peer) -> Checked {
     let conn = peer.connect()?;
     let features = offered(&conn)?;
-    let mode = offered_mode(features, MODE_ACCELERATED);
+    let mode = offered_mode(features, MODE_ACCELERATED)?;
     let wanted = features & !(MODE_ACCELERATED | MODE_ISOLATED) | mode;
     let reply = conn.call(SET_FEATURES, &wanted.to_le_bytes())?.ok()?;
     ensure!(
@@ -280,7 +279,7 @@ fn status_in_every_state(peer: &Peer) -> Checked {
         me["phase"],
         me["mode"]
     );
-    let mode = offered_mode(offered(&conn)?, MODE_ISOLATED);
+    let mode = offered_mode(offered(&conn)?, MODE_ISOLATED)?;
     conn.call(SET_FEATURES, &mode.to_le_bytes())?.ok()?;
     let me = own_session(&conn)?;
     let name = if mode == MODE_ISOLATED {
@@ -428,7 +427,7 @@ fn session_goes_on(peer: &Peer) -> Checked {
     conn.call(GET_FEATURES, &[0; 8])?.error(EINVAL)?;
     conn.call(WINDOW_QUERY, &id(0))?.error(EPROTO)?;
     let features = offered(&conn)?;
-    let mode = offered_mode(features, MODE_ISOLATED);
+    let mode = offered_mode(features, MODE_ISOLATED)?;
     conn.call(SET_FEATURES, &mode.to_le_bytes())?.ok()?;
     conn.call(GROUP_ADD, &group_add(1, 0, 1))?.error(EBADF)?;
     conn.call(WINDOW_QUERY, &id(5))?.error(ENOENT)?;

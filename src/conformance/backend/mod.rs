@@ -164,11 +164,18 @@ pub fn region(id: u32, guest: u64, size: u64) -> Vec<u8> {
         .bytes()
 }
 
-/// One ownership mode the back-end offers in `features`: `preferred` if it offers it.
-pub fn offered_mode(features: u64, preferred: u64) -> u64 {
-    match features & preferred {
-        0 => (MODE_ACCELERATED | MODE_ISOLATED) & !preferred,
-        _ => preferred,
+/// One ownership mode the back-end offers in `features`: `preferred` if it offers it. A
+/// back-end on a host without sPAPR VFIO offers none, and the check is skipped.
+pub fn offered_mode(features: u64, preferred: u64) -> Result<u64, Failure> {
+    match (
+        features & preferred,
+        features & (MODE_ACCELERATED | MODE_ISOLATED),
+    ) {
+        (0, 0) => Err(Failure::Skip(
+            "the back-end offers no ownership mode (its host has no sPAPR VFIO)".to_owned(),
+        )),
+        (0, other) => Ok(other),
+        _ => Ok(preferred),
     }
 }
 
