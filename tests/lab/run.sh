@@ -131,6 +131,23 @@ else
         fi
     done
 fi
+if [ "$M" = powernv9 ]; then
+    # The conformance kit against the daemon on the model kernel, both as built for ppc64le and
+    # run on its kernel (its page size is printed: the kit sizes its regions from it).
+    step $M conformance 150
+    mkdir -p /tmp/kit
+    /tce-sidecar --kernel model --socket-path /tmp/kit/sock --log-level error 2>/tmp/kit/daemon.log &
+    kit_daemon=$!
+    for i in $(seq 1 50); do [ -e /tmp/kit/sock.model ] && break; sleep 0.2; done
+    timeout -s KILL 120 /tce-sidecar conformance backend --socket /tmp/kit/sock >/tmp/kit/out.log 2>&1
+    kit_rc=$?
+    kill $kit_daemon
+    grep -v '^ok ' /tmp/kit/out.log | sed 's/^/lab-guest: kit: /'
+    summary=$(grep '^backend: ' /tmp/kit/out.log)
+    result=FAIL
+    [ $kit_rc = 0 ] && echo "$summary" | grep -q ' 0 failed, 0 skipped$' && result=PASS
+    echo "LAB kernel=$K machine=$M check=conformance result=$result page_kib=$(sed -n "s/^KernelPageSize: *\([0-9]*\) kB/\1/p" /proc/self/smaps | head -n 1) summary=\"$summary\" exit=$kit_rc"
+fi
 step $M seccomp-log 30
 kills=$(seccomp_records | grep -v " pid=$probe ")
 if [ -n "$kills" ]; then
@@ -153,7 +170,7 @@ make_initrd() {
     # shellcheck disable=SC2034
     LAB_KERNEL_DIR=${!dir} LAB_KERNEL_RELEASE=${!rel}
     busybox_root "$r" sh mount insmod cat echo grep readlink basename ls sleep poweroff dmesg tail \
-        sed cut timeout killall stat wc head chgrp chmod
+        sed cut timeout killall stat wc head chgrp chmod mkdir seq kill
     cp "$BIN/tce-sidecar" "$r/tce-sidecar"
     cp "$BIN/examples/lab_frontend" "$r/lab_frontend"
     lab_modules "$r"
@@ -196,6 +213,9 @@ boot_machine() { # boot_machine N K:MACHINE: kernel K of lab.env on one emulated
         summary_line "$log" "LAB kernel=$kv machine=$machine mode=$mode" || machine_failed=1
     done
     summary_line "$log" "LAB kernel=$kv machine=$machine check=seccomp-log" || machine_failed=1
+    if [ "$machine" = powernv9 ]; then
+        summary_line "$log" "LAB kernel=$kv machine=$machine check=conformance" || machine_failed=1
+    fi
     # P5, the seed's effect: the same hypercalls per second, accelerated against isolated. TCG
     # makes absolute times meaningless; the ratio is the figure.
     us() { grep -a -m1 "^LAB kernel=$kv machine=$machine mode=$1 " "$log" | tr -d '\r' | sed -n 's/.* workload_us=\([0-9]*\).*/\1/p'; }
