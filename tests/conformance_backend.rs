@@ -150,6 +150,8 @@ fn breaks() -> Vec<(Break, &'static [&'static str])> {
                 "accelerated.rollback-group-add",
                 "accelerated.rollback-window-create",
                 "accelerated.rollback-window-remove",
+                "accelerated.rollback-mem-add",
+                "accelerated.tce-update-failure",
             ],
         ),
         (Break::IsolatedOps, &["isolated.every-request"]),

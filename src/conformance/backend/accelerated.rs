@@ -56,6 +56,16 @@ pub const CHECKS: &[Check<Peer>] = &[
         run: rollback_window_remove,
     },
     Check {
+        name: "accelerated.rollback-mem-add",
+        spec: "§6, §7.4",
+        run: rollback_mem_add,
+    },
+    Check {
+        name: "accelerated.tce-update-failure",
+        spec: "§7.8",
+        run: tce_update_failure,
+    },
+    Check {
         name: "accelerated.rebuild",
         spec: "§7.11",
         run: rebuild,
@@ -65,6 +75,8 @@ pub const CHECKS: &[Check<Peer>] = &[
 pub const ACCELERATED: u64 = MODE_ACCELERATED | FEATURE_FDS_BY_MODE;
 /// Entries of every table here (4 KiB pages).
 const ENTRIES: u64 = 64;
+/// The hypercall status of a failed update (§7.8).
+const H_HARDWARE: i64 = -1;
 /// The bus offset of a second table's window: where sPAPR hosts place a dynamic window.
 const SECOND_WINDOW: u64 = 1 << 59;
 
@@ -84,15 +96,20 @@ pub fn start(peer: &Peer, features: u64) -> Result<(Conn, FrontEnd), Failure> {
 
 /// `GROUP_ADD` of group `group` (IOMMU group `group`) to container 0, run to its end.
 pub fn add_group(conn: &Conn, fe: &mut FrontEnd, group: u32) -> Result<Transaction, String> {
-    let _fd = fe.group(group, 0, group)?;
-    fe.transact(
-        conn,
-        GROUP_ADD,
-        &group_add(group, 0, group),
-        &[],
-        Inject::None,
-    )?
-    .in_scope()
+    add_group_to(conn, fe, group, 0)
+}
+
+/// `GROUP_ADD` of group `group` (IOMMU group `group`) to `container`, run to its end.
+fn add_group_to(
+    conn: &Conn,
+    fe: &mut FrontEnd,
+    group: u32,
+    container: u32,
+) -> Result<Transaction, String> {
+    fe.group(group, container, group)?;
+    let payload = group_add(group, container, group);
+    fe.transact(conn, GROUP_ADD, &payload, &[], Inject::None)?
+        .in_scope()
 }
 
 /// `TABLE_ADD` of a KVM table and its `WINDOW_CREATE`, run to its end.
@@ -349,15 +366,14 @@ fn snapshot(conn: &Conn, fe: &FrontEnd) -> Result<String, String> {
 /// operations in scope, and the state afterwards is the state before.
 fn rollback_each(
     peer: &Peer,
-    setup: fn(&Conn, &mut FrontEnd) -> Result<(), String>,
+    setup: fn(&Conn, &mut FrontEnd) -> Result<Vec<u8>, String>,
     request: u32,
-    payload: &[u8],
 ) -> Checked {
     for index in 0.. {
         let (conn, mut fe) = start(peer, ACCELERATED)?;
-        setup(&conn, &mut fe)?;
+        let payload = setup(&conn, &mut fe)?;
         let before = snapshot(&conn, &fe)?;
-        let done = fe.transact(&conn, request, payload, &[], Inject::FailAt(index))?;
+        let done = fe.transact(&conn, request, &payload, &[], Inject::FailAt(index))?;
         let forward = done.forward();
         let done = done.in_scope()?;
         if index >= forward.len() {
@@ -401,35 +417,89 @@ fn rollback_each(
 }
 
 fn rollback_group_add(peer: &Peer) -> Checked {
-    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<(), String> {
+    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<Vec<u8>, String> {
         // A window already exists, so the new group must be associated with its table.
         add_group(conn, fe, 1)?.last.ok()?;
-        add_window(conn, fe, 1, 0).map(|_| ())?;
-        fe.group(2, 0, 2).map(|_| ())
+        add_window(conn, fe, 1, 0)?;
+        fe.group(2, 0, 2)?;
+        Ok(group_add(2, 0, 2))
     }
-    rollback_each(peer, setup, GROUP_ADD, &group_add(2, 0, 2))
+    rollback_each(peer, setup, GROUP_ADD)
 }
 
 fn rollback_window_create(peer: &Peer) -> Checked {
-    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<(), String> {
+    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<Vec<u8>, String> {
         add_group(conn, fe, 1)?.last.ok()?;
         add_group(conn, fe, 2)?.last.ok()?;
         let payload = fe.table(1, 0, 0, ENTRIES, false)?;
         conn.call_fds(TABLE_ADD, &payload, &[fe.table_fd(1)])?
-            .ok()
-            .map(|_| ())
+            .ok()?;
+        Ok(id(1))
     }
-    rollback_each(peer, setup, WINDOW_CREATE, &id(1))
+    rollback_each(peer, setup, WINDOW_CREATE)
 }
 
 fn rollback_window_remove(peer: &Peer) -> Checked {
-    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<(), String> {
+    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<Vec<u8>, String> {
         // Two windows: removing one re-associates the group with the other (§7.7).
         add_group(conn, fe, 1)?.last.ok()?;
         add_window(conn, fe, 1, 0)?;
-        add_window(conn, fe, 2, SECOND_WINDOW).map(|_| ())
+        add_window(conn, fe, 2, SECOND_WINDOW)?;
+        Ok(id(1))
     }
-    rollback_each(peer, setup, WINDOW_REMOVE, &id(1))
+    rollback_each(peer, setup, WINDOW_REMOVE)
+}
+
+/// A region registered in two containers: a failed registration in one is undone in the other.
+fn rollback_mem_add(peer: &Peer) -> Checked {
+    fn setup(conn: &Conn, fe: &mut FrontEnd) -> Result<Vec<u8>, String> {
+        add_group_to(conn, fe, 1, 0)?.last.ok()?;
+        add_group_to(conn, fe, 2, 1)?.last.ok()?;
+        fe.second_region(page_shift())
+    }
+    rollback_each(peer, setup, MEM_ADD)
+}
+
+/// A `TCE_UPDATE` whose `MAP_DMA` fails: the hardware keeps no entry the update names, since
+/// the guest's table shows the new ones (§7.8), and the guest hears `H_HARDWARE`.
+fn tce_update_failure(peer: &Peer) -> Checked {
+    let (conn, mut fe) = start(peer, ACCELERATED)?;
+    add_group(&conn, &mut fe, 1)?.last.ok()?;
+    add_window(&conn, &mut fe, 1, 0)?;
+    let mapped = tce_inline(1, 0, &[0x1000 | 3, 0x2000 | 3]);
+    let done = fe.transact(&conn, TCE_UPDATE, &mapped, &[], Inject::None)?;
+    done.in_scope()?.last.ok()?;
+    // The same entries to other pages, the first MAP_DMA failing.
+    let update = tce_inline(1, 0, &[0x5000 | 3, 0x6000 | 3]);
+    let mut index = 0;
+    let done = loop {
+        let done = fe.transact(&conn, TCE_UPDATE, &update, &[], Inject::FailAt(index))?;
+        match done.forward().get(index) {
+            Some(op) if op.kind == MAP_DMA => break done.in_scope()?,
+            Some(_) => index += 1,
+            None => return Err("the update asked for no MAP_DMA".into()),
+        }
+        // That try failed another operation: map the entries again for the next.
+        fe.transact(&conn, TCE_UPDATE, &mapped, &[], Inject::None)?;
+    };
+    let last = done.last.clone().error(EIO)?;
+    ensure!(
+        last.body.len() == 16 && last.body_u64(0)? as i64 == H_HARDWARE,
+        "the failed update's body: h_status {:?}, not H_HARDWARE",
+        last.body_u64(0).map(|h| h as i64)
+    );
+    for entry in 0..2u64 {
+        let mapped = fe
+            .model()
+            .iommu_entry(1, entry << 12)
+            .map_err(|e| e.to_string())?;
+        ensure!(
+            mapped.is_none(),
+            "entry {entry} is still mapped after its update failed; the operations: {:?}",
+            done.batches
+        );
+    }
+    Ok(())
 }
 
 fn rebuild(peer: &Peer) -> Checked {

@@ -134,6 +134,30 @@ impl FrontEnd {
         self.vm.ram()[0].memfd.as_fd()
     }
 
+    /// Guest RAM region 1: [`RAM`] bytes more, after region 0; returns its `MEM_ADD` payload.
+    pub fn second_region(&mut self, page_shift: u32) -> Result<Vec<u8>, String> {
+        let ram = self
+            .vm
+            .add_ram(1, RAM, RAM)
+            .map_err(model_error("more guest RAM"))?;
+        let (fd, addr) = (ram.memfd.as_fd(), ram.mapping.addr());
+        self.kernel
+            .memory_mapped(fd, 0, addr, RAM)
+            .map_err(|e| format!("the model kernel refused the RAM mapping: {e}"))?;
+        self.objects
+            .regions
+            .insert(RegionId(1), Mapping { addr, size: RAM });
+        self.registry.regions.insert(1, RAM);
+        Ok(Le::new()
+            .u32(1)
+            .u32(page_shift)
+            .u64(RAM)
+            .u64(RAM)
+            .u64(addr)
+            .u64(0)
+            .bytes())
+    }
+
     /// `MEM_ADD` of region 0 (`page_shift` 0 unless the session has `FDS_BY_MODE`).
     pub fn mem_add(&mut self, page_shift: u32) -> Vec<u8> {
         self.registry.regions.insert(0, RAM);
