@@ -72,23 +72,8 @@ pub fn allowed_kinds(request: RequestCode, rollback: bool) -> &'static [OpKind] 
 /// Whether `op` is the PE operation an `EEH_OP` asked for (§6.3: its container, `op` and error
 /// fields); operations of other kinds are not its concern.
 pub fn requested_eeh(op: &KernelOp, eeh: Option<EehRequest>) -> bool {
-    match (*op, eeh) {
-        (
-            KernelOp::EehPeOp {
-                container,
-                op,
-                err_type,
-                err_func,
-                err_addr,
-                err_mask,
-            },
-            Some(e),
-        ) => {
-            container.0 == e.container_id
-                && op == e.op
-                && (err_type, err_func) == (e.err_type, e.err_func)
-                && (err_addr, err_mask) == (e.err_addr, e.err_mask)
-        }
+    match (op, eeh) {
+        (KernelOp::EehPeOp { .. }, Some(e)) => *op == KernelOp::eeh_pe_op(&e),
         (KernelOp::EehPeOp { .. }, None) => false,
         _ => true,
     }

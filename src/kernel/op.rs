@@ -6,7 +6,7 @@ use std::fmt;
 #[cfg(doc)]
 use super::Output;
 use super::{ContainerId, GroupId, RegionId, TableId};
-use crate::protocol::DmaAccess;
+use crate::protocol::{DmaAccess, EehRequest};
 
 /// One kernel call. Every call the product makes is one variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +111,17 @@ pub enum KernelOp {
 }
 
 impl KernelOp {
+    /// The `VFIO_EEH_PE_OP` an `EEH_OP` request asks for, on its container.
+    pub fn eeh_pe_op(request: &EehRequest) -> Self {
+        Self::EehPeOp {
+            container: ContainerId(request.container_id),
+            op: request.op,
+            err_type: request.err_type,
+            err_func: request.err_func,
+            err_addr: request.err_addr,
+            err_mask: request.err_mask,
+        }
+    }
     /// The spec's name of the call (`protocol/PROTOCOL.md` §6.1).
     pub fn name(&self) -> &'static str {
         match self {

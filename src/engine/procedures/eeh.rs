@@ -55,15 +55,7 @@ impl Eeh {
         match self.stage {
             EehStage::PeOp => {
                 self.stage = EehStage::Done;
-                let request = &self.request;
-                Some(vec![KernelOp::EehPeOp {
-                    container: ContainerId(request.container_id),
-                    op: request.op,
-                    err_type: request.err_type,
-                    err_func: request.err_func,
-                    err_addr: request.err_addr,
-                    err_mask: request.err_mask,
-                }])
+                Some(vec![KernelOp::eeh_pe_op(&self.request)])
             }
             EehStage::Done => None,
         }
