@@ -471,17 +471,12 @@ fn tce_update_failure(peer: &Peer) -> Checked {
     done.in_scope()?.last.ok()?;
     // The same entries to other pages, the first MAP_DMA failing.
     let update = tce_inline(1, 0, &[0x5000 | 3, 0x6000 | 3]);
-    let mut index = 0;
-    let done = loop {
-        let done = fe.transact(&conn, TCE_UPDATE, &update, &[], Inject::FailAt(index))?;
-        match done.forward().get(index) {
-            Some(op) if op.kind == MAP_DMA => break done.in_scope()?,
-            Some(_) => index += 1,
-            None => return Err("the update asked for no MAP_DMA".into()),
-        }
-        // That try failed another operation: map the entries again for the next.
-        fe.transact(&conn, TCE_UPDATE, &mapped, &[], Inject::None)?;
-    };
+    let done = fe.transact(&conn, TCE_UPDATE, &update, &[], Inject::FailFirst(MAP_DMA))?;
+    let done = done.in_scope()?;
+    ensure!(
+        done.forward().iter().any(|op| op.kind == MAP_DMA),
+        "the update asked for no MAP_DMA"
+    );
     let last = done.last.clone().error(EIO)?;
     ensure!(
         last.body.len() == 16 && last.body_u64(0)? as i64 == H_HARDWARE,

@@ -33,6 +33,22 @@ pub enum Inject {
     /// Report the forward operation with this index (from 0, across the transaction's
     /// replies) as failed with `-EIO`, without executing it.
     FailAt(usize),
+    /// Report the first forward operation of this kind as failed with `-EIO`, unexecuted.
+    FailFirst(u16),
+}
+
+impl Inject {
+    /// Whether to fail the forward operation `op`, number `index`; `failed_one` says whether
+    /// one was failed already.
+    fn fails(self, index: usize, op: &Op, failed_one: &mut bool) -> bool {
+        let fails = match self {
+            Inject::None => false,
+            Inject::FailAt(i) => i == index,
+            Inject::FailFirst(kind) => kind == op.kind && !*failed_one,
+        };
+        *failed_one |= fails;
+        fails
+    }
 }
 
 /// What a transaction asked for and how it ended.
@@ -274,7 +290,7 @@ impl FrontEnd {
             batches: Vec::new(),
             violations: Vec::new(),
         };
-        let mut forward_index = 0;
+        let (mut forward_index, mut failed_one) = (0, false);
         while reply.flags & REPLY_OPS != 0 {
             if reply.transaction != transaction {
                 return Err(format!(
@@ -298,10 +314,7 @@ impl FrontEnd {
                             .push(format!("{}: {op}: {why}", request_name(request)));
                         (-EPERM, [0; 4])
                     }
-                    Ok(())
-                        if !rollback
-                            && matches!(inject, Inject::FailAt(i) if i == forward_index) =>
-                    {
+                    Ok(()) if !rollback && inject.fails(forward_index, op, &mut failed_one) => {
                         (-EIO, [0; 4])
                     }
                     Ok(()) => self.execute(op)?,

@@ -145,19 +145,18 @@ fn every_request(peer: &Peer) -> Checked {
 
 fn tce_update_refusals(peer: &Peer) -> Checked {
     let (conn, fe) = start(peer, 0)?;
-    let refused = |payload: Vec<u8>, what: &str| -> Result<(), String> {
+    let refused = |payload: Vec<u8>, what: &str| -> Checked {
         let reply = conn
             .call(TCE_UPDATE, &payload)?
             .error(EINVAL)
             .map_err(|e| format!("{what}: {e}"))?;
         let h_status = reply.body_u64(0)? as i64;
-        ensure_str(
+        ensure!(
             h_status == H_PARAMETER && reply.body.len() == 16,
-            format!(
-                "{what}: h_status {h_status}, body {} bytes",
-                reply.body.len()
-            ),
-        )
+            "{what}: h_status {h_status}, body {} bytes",
+            reply.body.len()
+        );
+        Ok(())
     };
     refused(
         tce_inline(1, ENTRIES, &[0x1000 | 3]),
@@ -188,14 +187,6 @@ fn tce_update_refusals(peer: &Peer) -> Checked {
         "entry 1 stays mapped after the refused update named it"
     );
     Ok(())
-}
-
-fn ensure_str(cond: bool, why: String) -> Result<(), String> {
-    if cond {
-        Ok(())
-    } else {
-        Err(why)
-    }
 }
 
 fn teardown(peer: &Peer) -> Checked {
