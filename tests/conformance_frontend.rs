@@ -2,6 +2,8 @@
 //! which must pass every case, and a naive one written here, which trusts everything and must
 //! fail the cases it mishandles (so those checks can fail). Every wait is bounded.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
@@ -11,11 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use common::{kit_names, TestDir, BIN};
 use tce_sidecar::client::Client;
+use tce_sidecar::conformance::wire::{self, ops_result, request, result_record};
 use tce_sidecar::kernel::{Errno, Kernel, KernelOp, Objects, Output, OwnershipMode};
 use tce_sidecar::protocol::FEATURE_FDS_BY_MODE;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tce-sidecar");
 /// The tool's patience in these tests: short, so that a front-end that hangs costs little.
 const PATIENCE_MS: u64 = 3000;
 /// The client's deadline on every wait, well within the patience.
@@ -27,23 +30,18 @@ const BOUND: Duration = Duration::from_secs(60);
 /// when dropped.
 struct Tool {
     child: Child,
-    dir: PathBuf,
+    dir: TestDir,
     stdout: mpsc::Receiver<String>,
 }
 
 impl Tool {
     fn start(test: &str, options: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tce-sidecar-conformance-frontend.{}.{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory for the test");
+        let dir = TestDir::new(test);
         let mut child = Command::new(BIN)
             .args(["conformance", "frontend", "--listen"])
-            .arg(dir.join("sock"))
+            .arg(dir.path().join("sock"))
             .arg("--junit")
-            .arg(dir.join("out.xml"))
+            .arg(dir.path().join("out.xml"))
             .args(options)
             .stdout(Stdio::piped())
             .spawn()
@@ -67,7 +65,7 @@ impl Tool {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("sock")
+        self.dir.path().join("sock")
     }
 
     /// Its exit status and standard output, once it exits by itself.
@@ -92,21 +90,12 @@ impl Drop for Tool {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Every case the tool plays, as `--list` names them.
 fn cases() -> Vec<String> {
-    let list = Command::new(BIN)
-        .args(["conformance", "frontend", "--list"])
-        .output()
-        .expect("tce-sidecar conformance frontend --list");
-    assert!(list.status.success());
-    let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
-        .collect();
+    let names = kit_names("frontend");
     assert!(names.len() >= 21, "{names:?}");
     names
 }
@@ -182,7 +171,7 @@ fn the_client_library_passes_every_case() {
         0,
         "the client executed an operation"
     );
-    let xml = std::fs::read_to_string(tool.dir.join("out.xml")).expect("the JUnit file");
+    let xml = std::fs::read_to_string(tool.dir.path().join("out.xml")).expect("the JUnit file");
     assert!(
         xml.contains(&format!("tests=\"{}\" failures=\"0\"", cases.len())),
         "{xml}"
@@ -190,26 +179,16 @@ fn the_client_library_passes_every_case() {
     assert!(!tool.socket().exists(), "the tool left its socket behind");
 }
 
-/// A request frame of version 1.
-fn request(code: u32, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    for word in [code, 1, payload.len() as u32] {
-        frame.extend_from_slice(&word.to_le_bytes());
-    }
-    frame.extend_from_slice(payload);
-    frame
-}
-
 /// An OPS_RESULT that reports every operation of `reply` (a payload) done, status 0.
 fn all_done(reply: &[u8]) -> Vec<u8> {
-    let count = u16::from_le_bytes([reply[12], reply[13]]) as usize;
-    let mut payload = reply[8..12].to_vec();
-    payload.extend_from_slice(&(count as u32).to_le_bytes());
-    for op in reply[24..].chunks(40).take(count) {
-        payload.extend_from_slice(&op[..2]);
-        payload.extend_from_slice(&[0; 38]);
-    }
-    request(16, &payload)
+    let transaction = wire::u32_at(reply, 8).unwrap_or(0);
+    let count = usize::from(wire::u16_at(reply, 12).unwrap_or(0));
+    let records: Vec<Vec<u8>> = reply[wire::REPLY_FIXED..]
+        .chunks(wire::OP_SIZE)
+        .take(count)
+        .map(|op| result_record(wire::u16_at(op, 0).unwrap_or(0), 0, [0; 4]))
+        .collect();
+    request(wire::OPS_RESULT, &ops_result(transaction, &records))
 }
 
 /// A front-end that checks nothing: it reads each reply's header and payload, answers every
@@ -221,10 +200,15 @@ fn naive_front_end(socket: &Path) {
     };
     let _ = stream.set_read_timeout(Some(BOUND / 6));
     let _ = stream.set_write_timeout(Some(BOUND / 6));
-    let accelerated = (1u64 | 16).to_le_bytes();
-    let mut script = [request(1, &[]), request(2, &accelerated)]
-        .into_iter()
-        .chain(std::iter::repeat_with(|| request(3, &[0; 8])));
+    let accelerated = (wire::MODE_ACCELERATED | wire::FEATURE_FDS_BY_MODE).to_le_bytes();
+    let mut script = [
+        request(wire::GET_FEATURES, &[]),
+        request(wire::SET_FEATURES, &accelerated),
+    ]
+    .into_iter()
+    .chain(std::iter::repeat_with(|| {
+        request(wire::GET_STATUS, &[0; 8])
+    }));
     let mut next = script.next();
     for _ in 0..100_000 {
         if let Some(frame) = next.take() {

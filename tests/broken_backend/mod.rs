@@ -3,7 +3,6 @@
 //! conformance kit must fail the check of that rule against it; with [`Break::None`] it is a
 //! faithful proxy and every check passes through it.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -271,28 +270,4 @@ fn breaks_reply(reply: &mut Reply, broken: Break, session: &Session) {
         }
         _ => {}
     }
-}
-
-/// Every check name the kit lists.
-pub fn all_checks(bin: &str) -> BTreeSet<String> {
-    let out = std::process::Command::new(bin)
-        .args([
-            "conformance",
-            "backend",
-            "--socket",
-            "/nonexistent",
-            "--list",
-        ])
-        .output()
-        .expect("run the kit");
-    assert!(
-        out.status.success(),
-        "--list: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
 }

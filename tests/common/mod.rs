@@ -530,3 +530,21 @@ pub fn model_front_end_with(
     client.add_group(desc, group).expect("GROUP_ADD");
     (vm, client)
 }
+
+/// The names of the checks (`backend`) or cases (`frontend`) of `tce-sidecar conformance
+/// TARGET --list`, in order.
+pub fn kit_names(target: &str) -> Vec<String> {
+    let out = Command::new(BIN)
+        .args(["conformance", target, "--list"])
+        .output()
+        .expect("run tce-sidecar conformance --list");
+    assert!(
+        out.status.success(),
+        "--list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}

@@ -25,8 +25,8 @@ use front_end::FrontEnd;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The back-end's socket.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "list")]
+    pub socket: Option<PathBuf>,
     /// The model kernel's socket (`MODEL.md`), for the checks that need kernel objects.
     /// Default: PATH.model, when the back-end's GET_STATUS says it runs on the model.
     #[arg(long, value_name = "PATH")]
@@ -253,14 +253,14 @@ fn checks() -> Vec<Check<Peer>> {
 }
 
 /// The model socket: as given, else `PATH.model` when the back-end says it runs on the model.
-fn model_socket(args: &Args, deadline: Duration) -> Option<PathBuf> {
+fn model_socket(args: &Args, socket: &Path, deadline: Duration) -> Option<PathBuf> {
     if args.model_socket.is_some() {
         return args.model_socket.clone();
     }
-    let conn = Conn::connect(&args.socket, deadline).ok()?;
+    let conn = Conn::connect(socket, deadline).ok()?;
     let status = status_page(&conn, 0).ok()?;
     (status["daemon"]["kernel"] == "model").then(|| {
-        let mut path = args.socket.clone().into_os_string();
+        let mut path = socket.as_os_str().to_owned();
         path.push(".model");
         PathBuf::from(path)
     })
@@ -275,12 +275,13 @@ pub fn run(args: Args) -> Result<bool, Box<dyn Error>> {
         return Ok(true);
     }
     let deadline = Duration::from_millis(args.deadline_ms);
-    if !Path::new(&args.socket).exists() {
-        return Err(format!("{}: no such socket", args.socket.display()).into());
+    let socket = args.socket.as_deref().ok_or("--socket PATH is required")?;
+    if !socket.exists() {
+        return Err(format!("{}: no such socket", socket.display()).into());
     }
     let peer = Peer {
-        model_socket: model_socket(&args, deadline),
-        socket: args.socket.clone(),
+        model_socket: model_socket(&args, socket, deadline),
+        socket: socket.to_owned(),
         deadline,
     };
     let out = Box::new(std::io::stdout());
