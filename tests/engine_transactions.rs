@@ -222,6 +222,17 @@ fn set_up<F: FnMut(&KernelOp) -> Result<Output, Errno>>(d: &mut Driver<F>) {
     d.take_log();
 }
 
+/// Maps entry 0 of table 1 (read-write, guest page 0), so that its window has a mapping.
+fn map_entry_0<F: FnMut(&KernelOp) -> Result<Output, Errno>>(d: &mut Driver<F>) {
+    let update = TceUpdate {
+        table_id: 1,
+        first_index: 0,
+        count: 1,
+        entries: TceEntries::Inline(vec![3]),
+    };
+    d.ok(Request::TceUpdate(update), None);
+}
+
 #[test]
 fn group_add_accelerated_front_end_makes_every_call_in_qemu_order() {
     let mut d = Driver::new(FEATURE_MODE_ACCELERATED, platform());
@@ -834,13 +845,7 @@ fn requests_before_negotiation_are_refused_with_eproto() {
 fn disconnect_isolated_tears_down_in_order() {
     let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform());
     set_up(&mut d);
-    let update = TceUpdate {
-        table_id: 1,
-        first_index: 0,
-        count: 1,
-        entries: TceEntries::Inline(vec![3]),
-    };
-    d.ok(Request::TceUpdate(update), None);
+    map_entry_0(&mut d);
     let Action::Execute(ops) = d.session.disconnect() else {
         panic!("the sidecar owns state")
     };
@@ -1324,13 +1329,7 @@ fn window_remove_isolated_failure_has_nothing_to_roll_back() {
     let check = fail.clone();
     let mut d = Driver::new(FEATURE_MODE_ISOLATED, platform_with(move |_| check.check()));
     set_up(&mut d);
-    let update = TceUpdate {
-        table_id: 1,
-        first_index: 0,
-        count: 1,
-        entries: TceEntries::Inline(vec![3]),
-    };
-    d.ok(Request::TceUpdate(update), None);
+    map_entry_0(&mut d);
     d.take_log();
     fail.arm(1, Errno::BUSY);
     let reply = d.request(Request::WindowRemove { table_id: 1 }, None);
